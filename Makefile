@@ -1,0 +1,61 @@
+# The two commands a newcomer needs are `make dev` and `make test`; both set up
+# whatever is missing first. Build outputs are cached outside the repository in
+# $(MEP_CACHE) (default ~/.cache/modelendpoint), Python packages in .venv/.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+export MEP_CACHE ?= $(HOME)/.cache/modelendpoint
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup testbed embedded-model node-deps cluster cluster-down dev dev-down \
+        test test-unit test-integration test-e2e bench-runtime bench-operator lock
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+setup: ## install everything into .venv/ (pinned; cached; idempotent)
+	@hack/setup.sh
+
+testbed: ## build etcd, kube-*, kubectl, kwok and helm from Go modules into the cache
+	@hack/build-testbed.sh >/dev/null
+
+embedded-model: setup ## convert the embedded SmolLM2 model once; prints its folder last
+	@$(PY) hack/embedded_model.py
+
+node-deps: ## the official openai npm package, for the JavaScript client tests
+	@hack/node-deps.sh
+
+cluster: setup testbed ## start the local control plane; prints KUBECONFIG and PATH exports last
+	@$(PY) hack/localcluster.py up
+
+cluster-down: ## stop the local control plane
+	@$(PY) hack/localcluster.py down
+
+dev: setup testbed embedded-model ## the whole system on the embedded model, until Ctrl-C
+	@$(PY) hack/dev.py
+
+dev-down: ## stop a `make dev` running in another shell
+	@$(PY) hack/dev.py --down
+
+test: setup testbed embedded-model node-deps ## the whole suite: unit, integration, e2e
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup ## unit tests only (seconds)
+	@$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-integration: setup testbed embedded-model node-deps ## integration tests only
+	@$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: setup testbed embedded-model ## end-to-end tests only
+	@$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+bench-runtime: setup embedded-model ## this runtime against vLLM's own OpenAI server, side by side
+	@$(PY) hack/bench_runtime.py
+
+bench-operator: setup testbed ## 1,000 ModelEndpoints on the local control plane
+	@$(PY) hack/bench_operator.py
+
+lock: ## recompile the pinned requirement files after changing a dependency
+	@hack/lock.sh

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the test bed's binaries from the Go module proxy into a versioned
+# cache folder outside the repository, once per machine:
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+#   (from k8s.io/kubernetes through the wrapper module in hack/testbed/kubernetes),
+#   kwok and helm (go install at pinned versions).
+# Prints the bin folder as its last line. A second run builds nothing.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache="${MEP_CACHE:-$HOME/.cache/modelendpoint}"
+bin="$cache/testbed-k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}/bin"
+mkdir -p "$bin"
+
+export GOFLAGS="-trimpath"
+ldflags="-s -w"
+
+step() { echo "==> $*" >&2; }
+
+k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+missing=()
+for c in "${k8s_cmds[@]}"; do [ -x "$bin/$c" ] || missing+=("k8s.io/kubernetes/cmd/$c"); done
+[ -x "$bin/etcd" ] || missing+=("./cmd/etcd")
+if [ ${#missing[@]} -gt 0 ]; then
+  step "building ${missing[*]} (Kubernetes ${KUBERNETES_VERSION}, etcd ${ETCD_VERSION}); a cold build takes 10-25 minutes on 2 cores"
+  tmp="$bin/.partial"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  # Kubernetes stamps its version through ldflags; without it kubectl and the
+  # API server report v0.0.0, which breaks version skew checks (helm, kubectl).
+  vpkg=k8s.io/component-base/version
+  kv="-X $vpkg.gitVersion=${KUBERNETES_VERSION} -X $vpkg.gitMajor=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v([0-9]+).*/\1/') -X $vpkg.gitMinor=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v[0-9]+\.([0-9]+).*/\1/') -X $vpkg.gitTreeState=clean"
+  (cd "$here/testbed/kubernetes" && go build -ldflags "$ldflags $kv -X k8s.io/client-go/pkg/version.gitVersion=${KUBERNETES_VERSION}" -o "$tmp/" "${missing[@]}")
+  mv "$tmp"/* "$bin/" && rmdir "$tmp"
+fi
+
+if [ ! -x "$bin/kwok" ]; then
+  step "building kwok ${KWOK_VERSION}"
+  GOBIN="$bin" go install -ldflags "$ldflags" "sigs.k8s.io/kwok/cmd/kwok@${KWOK_VERSION}"
+fi
+if [ ! -x "$bin/helm" ]; then
+  step "building helm ${HELM_VERSION}"
+  GOBIN="$bin" go install -ldflags "$ldflags -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
+fi
+echo "$bin"

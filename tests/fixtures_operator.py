@@ -1,0 +1,1 @@
+"""Operator fixtures (the operator running against the test control plane): filled in with the operator."""

@@ -1,0 +1,1 @@
+"""Runtime fixtures (one vLLM engine per test session): filled in with the runtime."""
