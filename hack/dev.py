@@ -7,7 +7,7 @@
 3. installs the chart with `helm install` (CRD and operator; the operator's pod
    lands on the local node, so the operator runs with its ServiceAccount's
    token, as in a cluster);
-4. applies samples/embedded-cpu-model.yaml and waits for it to be Ready;
+4. applies samples/smollm2-cpu-local.yaml and waits for it to be Ready;
 5. prints the OpenAI base URL and a snippet, then stays up until Ctrl-C or
    `make dev-down`, and stops every process it started.
 
@@ -33,7 +33,8 @@ from localcluster import ControlPlane, stop_pids
 REPO = localcluster.REPO_DIR
 VENV_BIN = Path(sys.executable).parent
 CHART = REPO / "charts" / "modelendpoint-operator"
-SAMPLE = REPO / "samples" / "embedded-cpu-model.yaml"
+SAMPLE = REPO / "samples" / "smollm2-cpu-local.yaml"
+SAMPLE_NAMESPACE = "default"
 RELEASE = "modelendpoint-operator"
 OPERATOR_NAMESPACE = "modelendpoint-system"
 OPERATOR_IMAGE = "ghcr.io/modelendpoint/modelendpoint-operator"
@@ -77,6 +78,8 @@ def start_local_stack(cp: ControlPlane, work_dir: Path, hf_home: Path,
         f"--entrypoint={RUNTIME_IMAGE}={VENV_BIN / 'modelendpoint-runtime'}",
         # The CPU engine's KV cache comes out of RAM: keep it small on a laptop.
         "--env=VLLM_CPU_KVCACHE_SPACE=1",
+        # This machine reaches no model hub: models load from the node's cache.
+        "--env=HF_HUB_OFFLINE=1",
     ]
     ingress_argv = [py, str(REPO / "hack" / "localingress.py"), f"--kubeconfig={cp.kubeconfig}",
                     f"--port={stack.ingress_port}"]
@@ -166,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         step("installing the chart (CRD and operator) with helm")
         helm_install(cp)
         step(f"applying {SAMPLE.relative_to(REPO)}")
-        cp.kubectl("apply", "--server-side", "-f", str(SAMPLE))
-        sample = json.loads(cp.kubectl("get", "-f", str(SAMPLE), "-o", "json"))
-        name, ns = sample["metadata"]["name"], sample["metadata"]["namespace"]
+        ns = SAMPLE_NAMESPACE
+        cp.kubectl("apply", "--server-side", "-n", ns, "-f", str(SAMPLE))
+        name = json.loads(cp.kubectl("get", "-n", ns, "-f", str(SAMPLE), "-o", "json"))["metadata"]["name"]
         step("waiting for the model to load (about 1-2 minutes on 2 cores)")
         obj = wait_ready(cp, name, ns, timeout=900)
         model = obj["status"]["servedModelName"]

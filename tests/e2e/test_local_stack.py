@@ -45,9 +45,8 @@ def test_modelendpoint_serves_through_ingress_scales_and_goes_away(e2e_cluster):
     cp, stack = e2e_cluster
     sample = yaml.safe_load(dev.SAMPLE.read_text())
     sample["spec"]["responseRole"] = ROLE
-    name, ns = sample["metadata"]["name"], sample["metadata"]["namespace"]
-    cp.kubectl("create", "namespace", ns, check=False)
-    cp.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(sample))
+    name, ns = sample["metadata"]["name"], dev.SAMPLE_NAMESPACE
+    cp.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(sample))
 
     obj = wait_for(lambda: (m := _mep(cp, name, ns)).get("status", {}).get("phase") == "Ready" and m,
                    timeout=600, what=f"{ns}/{name} to be Ready", interval=2)
