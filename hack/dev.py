@@ -97,7 +97,11 @@ def helm_install(cp: ControlPlane, *extra: str) -> None:
         [str(cp.bin_dir / "helm"), "upgrade", "--install", RELEASE, str(CHART),
          "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m",
          "--set-json", 'nodeSelector={"modelendpoint.dev/local-runner":"true"}',
-         "--set", "image.pullPolicy=Never", *extra],
+         # The operator's pod runs on the host's network here: free ports for
+         # its health and metrics listeners, so nothing else on the machine clashes.
+         "--set", f"healthPort={localcluster.free_port()}",
+         "--set", f"metrics.port={localcluster.free_port()}",
+         *extra],
         check=True, env=cp.env(), stdout=sys.stderr,
     )
 

@@ -419,8 +419,6 @@ def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None
         f"--cluster-signing-key-file={pki / 'ca.key'}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--use-service-account-credentials=true",
-        # Pods are deleted within seconds of their node going away, not minutes.
-        "--node-monitor-grace-period=20s",
         "--v=1",
     ])
     _spawn(cp, "kube-scheduler", [

@@ -1,0 +1,80 @@
+"""The chart ships THE SAME BYTES as crds/modelendpoints.yaml, and kopf's peering CRDs
+exactly as kopf looks them up."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import yaml
+from kopf._cogs.structs import references
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "modelendpoint-operator"
+SOURCE = REPO / "crds" / "modelendpoints.yaml"
+
+
+def test_chart_crd_is_the_repository_crd():
+    shipped = CHART / "crds" / "modelendpoints.yaml"
+    # A relative symlink, so there is one copy to edit and nothing to sync.
+    assert shipped.is_symlink()
+    assert shipped.resolve() == SOURCE.resolve()
+    assert shipped.read_bytes() == SOURCE.read_bytes()
+
+
+def test_packaged_chart_holds_the_same_crd_bytes(testbed_bin, tmp_path):
+    # `helm package` (what a chart repository serves) follows the symlink: the archive
+    # holds the file's content, byte for byte.
+    subprocess.run([str(testbed_bin / "helm"), "package", str(CHART), "--destination", str(tmp_path)],
+                   check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()})
+    [archive] = tmp_path.glob("modelendpoint-operator-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        member = tar.getmember("modelendpoint-operator/crds/modelendpoints.yaml")
+        assert member.isfile()
+        data = tar.extractfile(member).read()
+        assert "modelendpoint-operator/crds/kopf-peerings.yaml" in names
+        assert "modelendpoint-operator/values.schema.json" in names
+    assert data == SOURCE.read_bytes()
+
+
+def test_rendered_crds_are_the_repository_crd(testbed_bin):
+    out = subprocess.run(
+        [str(testbed_bin / "helm"), "template", "r", str(CHART), "--include-crds"],
+        check=True, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()},
+    ).stdout
+    crds = {d["metadata"]["name"]: d for d in yaml.safe_load_all(out)
+            if d and d["kind"] == "CustomResourceDefinition"}
+    assert crds["modelendpoints.serving.modelendpoint.dev"] == yaml.safe_load(SOURCE.read_text())
+    assert set(crds) == {"modelendpoints.serving.modelendpoint.dev",
+                         "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+
+def test_peering_crds_match_what_kopf_looks_up():
+    docs = list(yaml.safe_load_all((CHART / "crds" / "kopf-peerings.yaml").read_text()))
+    found = {(d["spec"]["group"], d["spec"]["versions"][0]["name"], d["spec"]["names"]["plural"],
+              d["spec"]["scope"]) for d in docs}
+    expected = set()
+    for selector, scope in ((references.CLUSTER_PEERINGS_K, "Cluster"),
+                            (references.NAMESPACED_PEERINGS_K, "Namespaced")):
+        expected.add((selector.group, selector.version, selector.any_name, scope))
+    assert found == expected
+    for d in docs:
+        # kopf writes the keep-alives into .status with a plain patch: no status subresource.
+        assert "subresources" not in d["spec"]["versions"][0]
+        status = d["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def test_peering_crds_match_the_operators_copy():
+    # The operator prints the same CRDs (`python -m modelendpoint_operator.peering`) for
+    # installs without the chart; the two must not drift apart.
+    from modelendpoint_operator.peering import PEERING_CRDS_YAML
+
+    ours = list(yaml.safe_load_all((CHART / "crds" / "kopf-peerings.yaml").read_text()))
+    theirs = [d for d in yaml.safe_load_all(PEERING_CRDS_YAML) if d]
+    assert ours == theirs
