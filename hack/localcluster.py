@@ -437,6 +437,9 @@ def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None
         f"--kubeconfig={cp.kubeconfig}",
         f"--manage-nodes-with-annotation-selector={key}={value}",
         f"--config={b.parent / 'kwok-stages.yaml'}",
+        # Node leases keep the simulated nodes Ready: without them the node
+        # controller marks them NotReady every ~50 s and their pods unready.
+        "--node-lease-duration-seconds=40",
         f"--server-address=127.0.0.1:{ports['kwok']}",
         "--cidr=10.244.0.0/16",
         "--node-ip=127.0.0.1",

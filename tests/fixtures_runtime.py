@@ -1,1 +1,230 @@
-"""Runtime fixtures (one vLLM engine per test session): filled in with the runtime."""
+"""Runtime fixtures: ONE real runtime server (one vLLM engine) per test session.
+
+``runtime_server`` starts ``python -m modelendpoint_runtime`` on a free
+loopback port with the embedded SmolLM2 model, waits for ``/ready`` (failing
+loudly with the log tail if the process dies or the wait times out), and stops
+it at the end of the session (SIGTERM, then kill). ``openai_client`` is the
+official ``openai`` SDK pointed at it the way the guide says:
+``http://127.0.0.1:<port>/v2/<ENDPOINT_ID>/openai/v1``.
+
+The server runs with deliberately small limits (body size, caps, admission)
+so the error tests are cheap; see ``RUNTIME_TEST_ENV``.
+
+Tests marked ``runtime_drain`` SIGTERM the shared server; they are moved to
+the end of the session so every other test has used the server first. Tests
+marked ``runtime_after_drain`` come after those: they may start their own
+server (another configuration) once the shared one has exited, so two
+engines never run at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ENDPOINT_ID = "ep-test-1"
+# Two keys: rotation. Tests use the new one; the old one must still work.
+API_KEYS = ("sk-test-old-0123456789", "sk-test-new-9876543210")
+SERVED_NAME = "smollm2-135m-instruct"
+READY_TIMEOUT_S = 300.0
+
+# The shared server's configuration (besides MODEL_NAME/PORT): small limits
+# make the 413/400/503 cases cheap to provoke.
+RUNTIME_TEST_ENV = {
+    "ENDPOINT_ID": ENDPOINT_ID,
+    "API_KEY": ",".join(API_KEYS),
+    "OPENAI_SERVED_MODEL_NAME_OVERRIDE": SERVED_NAME,
+    "MAX_MODEL_LEN": "2048",
+    "MAX_NUM_SEQS": "8",
+    "ENFORCE_EAGER": "0",
+    "DTYPE": "float32",
+    "LIMIT_N": "4",
+    "LIMIT_BEST_OF": "4",
+    "LIMIT_MAX_TOKENS": "1024",
+    "LIMIT_LOGPROBS": "5",
+    "MAX_REQUEST_BODY_BYTES": str(256 * 1024),
+    "MAX_CONCURRENT_REQUESTS": "3",
+    "RETRY_AFTER_SECONDS": "2",
+    "DRAIN_TIMEOUT_SECONDS": "60",
+    "LOG_LEVEL": "info",
+    # vLLM on the CPU: a small KV cache; no usage reporting from tests.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition") -> None:
+    """Poll ``condition`` until true; AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class RuntimeServer:
+    """A running runtime process."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    model: str = SERVED_NAME
+    endpoint_id: str = ENDPOINT_ID
+    api_key: str = API_KEYS[1]
+    api_keys: tuple[str, ...] = API_KEYS
+    env: dict[str, str] = field(default_factory=dict)
+    log_file: Any = None
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The guide's base URL pattern, on loopback."""
+        return f"{self.root_url}/v2/{self.endpoint_id}/openai/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def metrics_text(self) -> str:
+        r = httpx.get(f"{self.root_url}/metrics", headers=self.headers, timeout=10)
+        r.raise_for_status()
+        return r.text
+
+    def stop(self, timeout: float = 90) -> int | None:
+        """SIGTERM (drain), then kill if it does not exit in time; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+        if self.log_file is not None:
+            self.log_file.close()
+        return self.process.returncode
+
+
+def start_runtime(model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> RuntimeServer:
+    """Start a runtime process and wait until /ready answers 200."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(RUNTIME_TEST_ENV)
+    env.update({"MODEL_NAME": str(model_dir), "HOST": "127.0.0.1", "PORT": str(port)})
+    env.update(extra_env or {})
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelendpoint_runtime"],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # our SIGTERM reaches only the server, not pytest
+    )
+    server = RuntimeServer(process=process, port=port, log_path=log_path, env=env, log_file=log_file)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the runtime exited with code {process.returncode} before becoming ready; log tail:\n"
+                + server.log_tail()
+            )
+        try:
+            if httpx.get(f"{server.root_url}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop(timeout=20)
+    raise RuntimeError(f"the runtime was not ready after {READY_TIMEOUT_S:.0f}s; log tail:\n" + server.log_tail())
+
+
+_start_failure: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def runtime_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeServer]:
+    """The shared runtime server (the only engine of the session)."""
+    # pytest retries a failed session fixture for every test that uses it;
+    # one failed start (up to READY_TIMEOUT_S) is enough.
+    if _start_failure:
+        pytest.fail(f"(the runtime already failed to start in this session)\n{_start_failure[0]}", pytrace=False)
+    log_path = tmp_path_factory.mktemp("runtime") / "runtime.log"
+    try:
+        server = start_runtime(embedded_model_dir, log_path)
+    except RuntimeError as exc:
+        _start_failure.append(str(exc))
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_client(runtime_server: RuntimeServer):
+    """The official OpenAI Python SDK, aimed at the runtime like the guide says."""
+    from openai import OpenAI
+
+    client = OpenAI(api_key=runtime_server.api_key, base_url=runtime_server.base_url, timeout=120, max_retries=0)
+    yield client
+    client.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "runtime_drain: SIGTERMs the shared runtime server; runs after every other test"
+    )
+    config.addinivalue_line(
+        "markers", "runtime_after_drain: runs after the runtime_drain tests (may start its own server)"
+    )
+
+
+def _phase(item: pytest.Item) -> int:
+    if item.get_closest_marker("runtime_after_drain"):
+        return 2
+    if item.get_closest_marker("runtime_drain"):
+        return 1
+    return 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Stable sort: everything else in its usual order, then drain tests, then
+    # the tests that need the shared server gone.
+    items.sort(key=_phase)

@@ -1,0 +1,215 @@
+"""ModelEndpoint status from its Deployment and pods (pure; no I/O).
+
+Phases:
+- Failed: the spec was accepted but cannot work (a missing Secret, a child the
+  API server rejects, a name taken by an object the operator doesn't own).
+  Stays until the spec (or an annotation) changes, or the operator restarts.
+- Pending: no Deployment yet, or scaled to zero replicas.
+- Progressing: the Deployment is rolling out (new pods starting, the model loading).
+- Ready: every desired replica is updated and available.
+- Degraded: some replicas are not available and something says why: the
+  scheduler cannot place a pod (e.g. not enough GPUs), an image cannot be
+  pulled, a container crash-loops, the rollout exceeded its deadline, or
+  replicas went missing after a finished rollout.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from . import manifests
+from .settings import OperatorSettings
+from .spec import with_defaults
+
+PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
+_BAD_WAITING = {
+    "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CrashLoopBackOff",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A permanent problem with the spec: phase Failed with this reason and message."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Assessment:
+    phase: str
+    reason: str
+    message: str
+    ready: bool
+
+
+def _cond(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype:
+            return cond
+    return None
+
+
+def _pod_problem(pods: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of the first pod that the scheduler or kubelet reports stuck."""
+    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        sched = _cond(pod, "PodScheduled")
+        if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+            msg = sched.get("message") or "the scheduler cannot place the pod"
+            gpu = spec["gpuResourceName"]
+            if f"Insufficient {gpu}" in msg:
+                hint = (f"not enough GPUs: no node has {spec['gpus']} free {gpu} (GPUs per replica); "
+                        "lower gpus or add GPU nodes. ")
+            else:
+                hint = ""
+            return "Unschedulable", f"{hint}pod {pod['metadata']['name']} is unschedulable: {msg}"
+        statuses = ((pod.get("status") or {}).get("containerStatuses") or []) + (
+            (pod.get("status") or {}).get("initContainerStatuses") or [])
+        for cs in statuses:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _BAD_WAITING:
+                msg = waiting.get("message") or waiting["reason"]
+                return waiting["reason"], f"pod {pod['metadata']['name']}: {waiting['reason']}: {msg}"
+    return None
+
+
+def assess(
+    owner: dict[str, Any],
+    deployment: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    failure: Failure | None = None,
+) -> Assessment:
+    spec = with_defaults(owner.get("spec"))
+    desired = int(spec["replicas"])
+    if failure is not None:
+        return Assessment("Failed", failure.reason, failure.message, False)
+    if deployment is None:
+        return Assessment("Pending", "Creating", "creating the Deployment", False)
+    st = deployment.get("status") or {}
+    available = int(st.get("availableReplicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    current = int(st.get("replicas") or 0)
+    observed = int(st.get("observedGeneration") or 0)
+    generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    if desired == 0:
+        if current == 0:
+            return Assessment("Pending", "ScaledToZero", "scaled to zero replicas", False)
+        return Assessment("Progressing", "ScalingDown", f"scaling down to zero ({current} left)", False)
+
+    progressing = _cond(deployment, "Progressing")
+    rollout_done = (
+        observed >= generation
+        and progressing is not None
+        and progressing.get("reason") == "NewReplicaSetAvailable"
+        and updated >= desired
+        and current == updated
+    )
+    if rollout_done and available >= desired:
+        return Assessment("Ready", "AllReplicasAvailable",
+                          f"{available}/{desired} replicas available", True)
+    serving = available >= desired
+    problem = _pod_problem(pods, spec)
+    if problem is None and progressing is not None and progressing.get("status") == "False":
+        problem = (progressing.get("reason") or "RolloutStuck", progressing.get("message") or "")
+    failure_cond = _cond(deployment, "ReplicaFailure")
+    if problem is None and failure_cond is not None and failure_cond.get("status") == "True":
+        problem = (failure_cond.get("reason") or "ReplicaFailure", failure_cond.get("message") or "")
+    if problem is not None:
+        reason, message = problem
+        return Assessment("Degraded", reason, f"{available}/{desired} replicas available; {message}",
+                          serving)
+    if not rollout_done:
+        return Assessment(
+            "Progressing", "RollingOut",
+            f"rolling out: {updated}/{desired} updated, {available}/{desired} available", serving,
+        )
+    return Assessment("Degraded", "ReplicasUnavailable",
+                      f"{available}/{desired} replicas available", serving)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(previous: list[dict[str, Any]], ctype: str, status: bool, reason: str,
+               message: str, generation: int, now: str) -> dict[str, Any]:
+    value = "True" if status else "False"
+    old = next((x for x in previous if x.get("type") == ctype), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == value and old.get(
+        "lastTransitionTime") else now
+    return {
+        "type": ctype,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+
+
+def compute_status(
+    owner: dict[str, Any],
+    deployment: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    settings: OperatorSettings,
+    failure: Failure | None = None,
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The whole ``status`` of ``owner``; lastTransitionTime moves only when a condition flips."""
+    now = now or _now()
+    name = owner["metadata"]["name"]
+    generation = int(owner["metadata"].get("generation") or 0)
+    spec = with_defaults(owner.get("spec"))
+    previous = (owner.get("status") or {}).get("conditions") or []
+    a = assess(owner, deployment, pods, failure)
+    st = (deployment or {}).get("status") or {}
+    ready_replicas = int(st.get("readyReplicas") or 0)
+    url, external = manifests.urls(owner, settings)
+    progressing = a.phase == "Progressing"
+    degraded = a.phase in ("Degraded", "Failed")
+    status: dict[str, Any] = {
+        "phase": a.phase,
+        "message": a.message,
+        "replicas": int(st.get("replicas") or 0),
+        "readyReplicas": ready_replicas,
+        "availableReplicas": int(st.get("availableReplicas") or 0),
+        "updatedReplicas": int(st.get("updatedReplicas") or 0),
+        "ready": f"{ready_replicas}/{int(spec['replicas'])}",
+        "selector": manifests.selector_string(name),
+        "url": url,
+        "observedGeneration": generation,
+        **manifests.summary(owner),
+        "conditions": [
+            _condition(previous, "Ready", a.ready, a.reason if not a.ready or a.phase == "Ready"
+                       else "AllReplicasAvailable", a.message, generation, now),
+            _condition(previous, "Progressing", progressing,
+                       a.reason if progressing else "Idle" if not degraded else a.reason,
+                       a.message if progressing else "", generation, now),
+            _condition(previous, "Degraded", degraded, a.reason if degraded else "AsExpected",
+                       a.message if degraded else "", generation, now),
+        ],
+    }
+    if external:
+        status["externalURL"] = external
+    return status
+
+
+def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """True when writing ``new`` would change anything (externalURL removal included)."""
+    old = dict(old or {})
+    return any(old.get(k) != v for k, v in new.items()) or (
+        "externalURL" in old and "externalURL" not in new)
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch turning ``old`` into ``new`` (null for fields to drop)."""
+    patch = dict(new)
+    for key in (old or {}):
+        if key not in new:
+            patch[key] = None
+    return patch

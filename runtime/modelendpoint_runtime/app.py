@@ -1,0 +1,591 @@
+"""The FastAPI app: routes, the guard middleware, health, metrics and lifecycle.
+
+Generation itself is vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``
+(``Engine.state``); this module decides whether a request reaches them and
+shapes whatever comes back:
+
+* one pure-ASGI middleware (``Guard``) per request: auth, body-size limit,
+  request metrics and the JSON request log line. Pure ASGI rather than
+  Starlette's BaseHTTPMiddleware, which would re-buffer streamed responses and
+  add latency to every token;
+* routes under ``/openai/v1``, ``/v1`` and ``/v2/{endpoint_id}/openai/v1``;
+* every error in OpenAI's shape (``errors.APIError``), never FastAPI's 422;
+* admission control, and readiness that turns 503 during a drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import errors
+from .admission import Admission
+from .auth import PUBLIC_PATHS, bearer_token, encode_keys, key_matches
+from .errors import APIError
+from .limits import Limits, check_caps, check_model, check_shape, trim_choices
+from .logs import LOGGER_NAME, request_fields
+from .metrics import Metrics
+from .settings import ConfigError, RuntimeSettings
+from .streaming import MEDIA_TYPES, Reframer, choose_format, is_token_frame
+
+PREFIXES = ("/openai/v1", "/v1", "/v2/{endpoint_id}/openai/v1")
+_KNOWN_ROUTES = frozenset(
+    [p + s for p in PREFIXES for s in ("/chat/completions", "/completions", "/models")] + ["/health", "/ready", "/metrics"]
+)
+_INFO = "modelendpoint"  # scope key where a handler leaves details for the log line
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+def route_label(path: str) -> str:
+    """A low-cardinality label for a path: its route template, or ``other``."""
+    if path.startswith("/v2/"):
+        parts = path.split("/", 3)  # "", "v2", id, rest
+        if len(parts) == 4:
+            path = "/v2/{endpoint_id}/" + parts[3]
+    if path in _KNOWN_ROUTES:
+        return path
+    for prefix in PREFIXES:
+        if path.startswith(prefix + "/models/"):
+            return prefix + "/models/{model}"
+    return "other"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Runtime:
+    """Everything the routes share: settings, engine, admission, metrics."""
+
+    def __init__(self, settings: RuntimeSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.served = settings.served_model_name
+        self.keys = encode_keys(settings.api_keys)
+        self.limits = Limits(
+            n=settings.limit_n,
+            best_of=settings.limit_best_of,
+            max_tokens=settings.limit_max_tokens,
+            logprobs=settings.limit_logprobs,
+        )
+        self.admission = Admission(settings.max_concurrent_requests)
+        self.metrics = metrics or Metrics()
+        self.engine: Any = None  # engine.Engine once loaded
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.admission.draining and not self.engine.dead
+
+    def begin_drain(self) -> None:
+        self.admission.start_drain()
+        self.metrics.ready.set(0)
+
+
+class _Ticket:
+    """An admission slot, released exactly once whichever path ends the request."""
+
+    __slots__ = ("runtime", "held")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.held = True
+        runtime.metrics.in_flight.inc()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.runtime.admission.release()
+            self.runtime.metrics.in_flight.dec()
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
+
+
+async def _send_error(send: Send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class Guard:
+    """Auth, body-size limit, request metrics and the request log line."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.rt = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rt = self.rt
+        start = time.perf_counter()
+        path, method = scope["path"], scope["method"]
+        route = route_label(path)
+        info: dict[str, Any] = {}
+        scope[_INFO] = info
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            err = self._precheck(scope, path)
+            if err is not None:
+                info.setdefault("error_code", err.code)
+                await _send_error(send_wrapper, err)
+                return
+            await self.app(scope, self._limited(receive), send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - start
+            code = status[0]
+            rt.metrics.requests.labels(route, method, str(code)).inc()
+            rt.metrics.latency.labels(route).observe(elapsed)
+            if route not in ("/health", "/ready", "/metrics"):
+                log.info(
+                    "request",
+                    extra={"fields": request_fields(method=method, route=route, status=code, latency_s=elapsed, **info)},
+                )
+
+    def _precheck(self, scope: Scope, path: str) -> APIError | None:
+        rt = self.rt
+        if rt.keys and path not in PUBLIC_PATHS:
+            token = bearer_token(_header(scope, b"authorization"))
+            if not key_matches(token, rt.keys):
+                return errors.invalid_api_key(present=token is not None)
+        length = _header(scope, b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > rt.settings.max_request_body_bytes
+            except ValueError:
+                return errors.invalid_request("Invalid Content-Length header.", None)
+            if too_big:
+                return errors.body_too_large(rt.settings.max_request_body_bytes)
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        # A chunked body has no Content-Length: count what arrives.
+        limit = self.rt.settings.max_request_body_bytes
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge()
+            return message
+
+        return wrapped
+
+
+def _validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    errs = exc.errors()
+    return errors.from_validation_errors([e for e in errs if isinstance(e, dict)])
+
+
+def create_app(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> FastAPI:
+    """The runtime's ASGI app; ``starter`` loads the engine (``engine.start_engine``)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.loop = asyncio.get_running_loop()
+        task = asyncio.create_task(_load(runtime, starter))
+        try:
+            yield
+        finally:
+            # The load runs in a thread that cannot be interrupted: let it end,
+            # then shut the engine (and its worker process) down.
+            try:
+                await asyncio.shield(task)
+            except BaseException:  # noqa: BLE001 - already reported by _load
+                pass
+            if runtime.engine is not None:
+                runtime.engine.shutdown()
+
+    app = FastAPI(
+        title="modelendpoint-runtime",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error_response(errors.route_not_found(request.method, request.url.path))
+        if exc.status_code == 405:
+            return _error_response(errors.method_not_allowed(request.method, request.url.path))
+        if exc.status_code >= 500:
+            return _error_response(errors.internal_error())
+        return _error_response(APIError(exc.status_code, str(exc.detail), errors.INVALID_REQUEST))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error_response(errors.body_too_large(runtime.settings.max_request_body_bytes))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return _error_response(errors.internal_error())
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> Response:
+        if runtime.fatal is not None or (runtime.engine is not None and runtime.engine.dead):
+            return JSONResponse({"status": "dead"}, status_code=503)
+        return JSONResponse({"status": "ok" if runtime.engine is not None else "loading"})
+
+    @app.get("/ready", include_in_schema=False)
+    async def ready() -> Response:
+        if runtime.ready:
+            return JSONResponse({"status": "ready"})
+        reason = "draining" if runtime.admission.draining else "loading" if runtime.engine is None else "dead"
+        return JSONResponse({"status": reason}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(runtime, request, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await _generate(runtime, request, "completion")
+
+    async def list_models(request: Request) -> Response:
+        return await _models(runtime, request, None)
+
+    async def retrieve_model(request: Request, model: str) -> Response:
+        return await _models(runtime, request, model)
+
+    for prefix in PREFIXES:
+        app.add_api_route(prefix + "/chat/completions", chat_completions, methods=["POST"])
+        app.add_api_route(prefix + "/completions", completions, methods=["POST"])
+        app.add_api_route(prefix + "/models", list_models, methods=["GET"])
+        app.add_api_route(prefix + "/models/{model:path}", retrieve_model, methods=["GET"])
+
+    # Outermost: auth and the size limit apply before routing, so even an
+    # unknown path needs a key (nothing about the API is disclosed without one).
+    app.add_middleware(Guard, runtime=runtime)
+    return app
+
+
+async def _load(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> None:
+    started = time.perf_counter()
+    try:
+        engine = await starter()
+    except ConfigError as exc:
+        runtime.fatal = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported as one line, details in the log
+        log.error("engine failed to start", exc_info=exc)
+        runtime.fatal = f"the engine failed to start: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    else:
+        runtime.engine = engine
+        if not runtime.admission.draining:
+            runtime.metrics.ready.set(1)
+        log.info("ready", extra={"fields": {"model": runtime.served, "load_s": round(time.perf_counter() - started, 1)}})
+        return
+    runtime.on_fatal()
+
+
+def _endpoint_error(runtime: Runtime, request: Request) -> APIError | None:
+    wanted = runtime.settings.endpoint_id
+    got = request.path_params.get("endpoint_id")
+    if wanted is not None and got is not None and got != wanted:
+        return APIError(404, f"Endpoint `{got}` is not served here.", errors.INVALID_REQUEST, None, "endpoint_not_found")
+    return None
+
+
+def _unavailable(runtime: Runtime) -> APIError | None:
+    retry = runtime.settings.retry_after_seconds
+    if runtime.admission.draining:
+        return errors.draining(retry)
+    if runtime.engine is None:
+        return errors.not_ready(retry)
+    if runtime.engine.dead:
+        return APIError(503, "The engine is not running.", errors.SERVER_ERROR, None, "engine_dead", {"Retry-After": str(retry)})
+    return None
+
+
+async def _models(runtime: Runtime, request: Request, model: str | None) -> Response:
+    err = _endpoint_error(runtime, request) or _unavailable(runtime)
+    if err is not None:
+        return _error_response(err)
+    listing = await runtime.engine.state.openai_serving_models.show_available_models()
+    cards = [_model_card(c.model_dump()) for c in listing.data]
+    if model is None:
+        return JSONResponse({"object": "list", "data": cards})
+    for card in cards:
+        if card["id"] == model:
+            return JSONResponse(card)
+    return _error_response(errors.model_not_found(model))
+
+
+def _model_card(card: dict[str, Any]) -> dict[str, Any]:
+    # `root` is where the weights live (a path inside the pod): not the
+    # client's business. The rest is vLLM's card.
+    card.pop("root", None)
+    card.pop("parent", None)
+    card["owned_by"] = "modelendpoint"
+    return card
+
+
+async def _generate(runtime: Runtime, request: Request, kind: str) -> Response:
+    info: dict[str, Any] = request.scope.setdefault(_INFO, {})
+    start = time.perf_counter()
+    err = _endpoint_error(runtime, request) or _unavailable(runtime)
+    if err is not None:
+        info["error_code"] = err.code
+        return _error_response(err)
+    if not runtime.admission.try_acquire():
+        err = errors.draining(runtime.settings.retry_after_seconds) if runtime.admission.draining else errors.overloaded(
+            runtime.settings.retry_after_seconds
+        )
+        runtime.metrics.rejected.labels(err.code or "overloaded").inc()
+        info["error_code"] = err.code
+        return _error_response(err)
+    ticket = _Ticket(runtime)
+    streaming = False
+    try:
+        response = await _dispatch(runtime, request, kind, info, ticket, start)
+        streaming = isinstance(response, StreamingResponse)
+        return response
+    finally:
+        if not streaming:
+            ticket.release()
+
+
+async def _parse_body(request: Request) -> dict[str, Any] | APIError:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return errors.invalid_request(
+            "We could not parse the JSON body of your request. Send valid JSON with Content-Type: application/json.",
+            None,
+            "invalid_json",
+        )
+    if not isinstance(body, dict):
+        return errors.invalid_request("The request body must be a JSON object.", None, "invalid_json")
+    return body
+
+
+def _classify_exception(exc: Exception, prompt_param: str) -> APIError:
+    """An exception from vLLM's request models or serving layer, in our shape."""
+    from vllm.entrypoints.serve import create_error_response
+
+    resp = create_error_response(exc)
+    return errors.from_engine_error(resp.error.code, resp.error.message, resp.error.param, prompt_param)
+
+
+async def _dispatch(
+    runtime: Runtime, request: Request, kind: str, info: dict[str, Any], ticket: _Ticket, start: float
+) -> Response:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    prompt_param = "messages" if kind == "chat" else "prompt"
+    body = await _parse_body(request)
+    if isinstance(body, APIError):
+        info["error_code"] = body.code
+        return _error_response(body)
+
+    model = body.get("model")
+    info["model"] = model if isinstance(model, str) else None
+    if isinstance(model, str) and (err := check_model(model, runtime.served)) is not None:
+        info["error_code"] = err.code
+        return _error_response(err)
+    if runtime.settings.log_prompts:
+        info["prompt"] = body.get(prompt_param)
+    if (err := check_shape(body, kind)) is not None:
+        info["error_code"] = err.code
+        return _error_response(err)
+
+    model_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        req = model_cls.model_validate(body)
+    except ValidationError as exc:
+        err = _validation_error(exc)
+        info["error_code"] = err.code
+        return _error_response(err)
+    except Exception as exc:  # noqa: BLE001 - vLLM validators raise their own errors
+        err = _classify_exception(exc, prompt_param)
+        info["error_code"] = err.code
+        return _error_response(err)
+
+    plan = check_caps(req, runtime.limits, kind)
+    if isinstance(plan, APIError):
+        info["error_code"] = plan.code
+        return _error_response(plan)
+    if plan.engine_n is not None:
+        req.n = plan.engine_n
+    stream = bool(req.stream)
+    info["stream"] = stream
+
+    state = runtime.engine.state
+    handler = state.openai_serving_chat if kind == "chat" else state.openai_serving_completion
+    call = handler.create_chat_completion if kind == "chat" else handler.create_completion
+
+    if stream:
+        try:
+            result = await call(req, request)
+        except Exception as exc:  # noqa: BLE001
+            return _failed(exc, prompt_param, info)
+    else:
+        result = await _until_disconnect(call(req, request), request)
+        if result is _DISCONNECTED:
+            info["error_code"] = "client_closed_request"
+            return Response(status_code=499)
+        if isinstance(result, BaseException):
+            return _failed(result, prompt_param, info)
+
+    if isinstance(result, ErrorResponse):
+        err = errors.engine_error_from_body(result.error.code, result.model_dump(), prompt_param)
+        if err.status >= 500:
+            log.error("engine error", extra={"fields": {"detail": result.error.message[:500]}})
+        info["error_code"] = err.code
+        return _error_response(err)
+
+    if not stream:
+        content = result.model_dump()
+        if plan.keep_n is not None:
+            content = trim_choices(content, plan.keep_n)
+        usage = content.get("usage") or {}
+        _record_usage(runtime, request, info, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        elapsed = time.perf_counter() - start
+        runtime.metrics.ttft.labels(route_label(request.url.path), "false").observe(elapsed)
+        return JSONResponse(content)
+
+    fmt = choose_format(runtime.settings.raw_openai_output, request.headers.get("accept"))
+    reframer = Reframer(fmt, prompt_param)
+    gen = _stream(runtime, request, result, reframer, kind, info, ticket, start)
+    return StreamingResponse(gen, media_type=MEDIA_TYPES[fmt], background=BackgroundTask(ticket.release))
+
+
+def _failed(exc: BaseException, prompt_param: str, info: dict[str, Any]) -> Response:
+    err = _classify_exception(exc, prompt_param) if isinstance(exc, Exception) else errors.internal_error()
+    if err.status >= 500:
+        log.error("generation failed", exc_info=exc)
+    info["error_code"] = err.code
+    return _error_response(err)
+
+
+_DISCONNECTED = object()
+
+
+async def _until_disconnect(coro: Awaitable[Any], request: Request) -> Any:
+    """Run a non-streaming generation, cancelling it if the client goes away.
+
+    Cancelling the task raises CancelledError inside vLLM's generate(), which
+    aborts the engine request: no tokens are computed for nobody. The body is
+    already read, so listening for ``http.disconnect`` consumes nothing else.
+    """
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work in done:
+        exc = work.exception()
+        return exc if exc is not None else work.result()
+    work.cancel()
+    try:
+        await work
+    except BaseException:  # noqa: BLE001 - the cancellation we asked for
+        pass
+    return _DISCONNECTED
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _record_usage(runtime: Runtime, request: Request, info: dict[str, Any], prompt: Any, completion: Any) -> None:
+    route = route_label(request.url.path)
+    if isinstance(prompt, int):
+        info["prompt_tokens"] = prompt
+        runtime.metrics.prompt_tokens.labels(route).inc(prompt)
+    if isinstance(completion, int):
+        info["completion_tokens"] = completion
+        runtime.metrics.completion_tokens.labels(route).inc(completion)
+
+
+async def _stream(
+    runtime: Runtime,
+    request: Request,
+    gen: AsyncIterator[str],
+    reframer: Reframer,
+    kind: str,
+    info: dict[str, Any],
+    ticket: _Ticket,
+    start: float,
+) -> AsyncIterator[str]:
+    route = route_label(request.url.path)
+    waiting_first = True
+    try:
+        async for piece in gen:
+            if waiting_first and is_token_frame(piece, kind):
+                waiting_first = False
+                ttft = time.perf_counter() - start
+                info["ttft_s"] = ttft
+                runtime.metrics.ttft.labels(route, "true").observe(ttft)
+            out = reframer.feed(piece)
+            if out:
+                yield out
+    except asyncio.CancelledError:
+        # The client went away: the cancellation reached vLLM's generator
+        # above, which aborted the engine request.
+        info["error_code"] = "client_closed_request"
+        raise
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+        log.error("stream failed", exc_info=exc)
+        info["error_code"] = "internal_error"
+        yield reframer.error_frame(errors.internal_error().body())
+    finally:
+        ticket.release()
+        if reframer.error_status is not None:
+            info["error_code"] = info.get("error_code") or "stream_error"
+        meta = getattr(request.state, "request_metadata", None)
+        usage = getattr(meta, "final_usage_info", None)
+        if usage is not None:
+            _record_usage(runtime, request, info, usage.prompt_tokens, usage.completion_tokens)

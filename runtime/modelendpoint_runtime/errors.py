@@ -1,0 +1,175 @@
+"""The OpenAI error shape, and the mapping of every failure onto it.
+
+Every error the runtime returns is ``{"error": {"message", "type", "param",
+"code"}}`` the way OpenAI's API shapes them: ``type`` is a string such as
+``invalid_request_error``, ``code`` a string (or null), never the integer
+status vLLM puts there. Pure functions only: the app turns their result into a
+response.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"  # reserved; OpenAI uses invalid_request_error for bad keys
+SERVER_ERROR = "server_error"
+RATE_LIMIT = "rate_limit_error"
+
+# Shown instead of any internal detail on a 500.
+INTERNAL_MESSAGE = "The server had an error while processing your request. Sorry about that!"
+
+_CONTEXT_RE = re.compile(r"maximum context length|exceeds (the )?model's maximum", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class APIError(Exception):
+    """An error response: status, body fields, and headers (Retry-After)."""
+
+    status: int
+    message: str
+    type: str = INVALID_REQUEST
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, INVALID_REQUEST, param, code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        INVALID_REQUEST,
+        "model",
+        "model_not_found",
+    )
+
+
+def invalid_api_key(present: bool) -> APIError:
+    message = (
+        "Incorrect API key provided."
+        if present
+        else "You didn't provide an API key. Provide it in the Authorization header (Bearer <key>)."
+    )
+    return APIError(401, message, INVALID_REQUEST, None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body exceeds the limit of {limit} bytes.", INVALID_REQUEST, None, "request_too_large")
+
+
+def overloaded(retry_after: int) -> APIError:
+    return APIError(
+        503,
+        "The server is at capacity; retry after the time given in Retry-After.",
+        SERVER_ERROR,
+        None,
+        "overloaded",
+        {"Retry-After": str(retry_after)},
+    )
+
+
+def draining(retry_after: int) -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down and accepts no new requests; retry on another replica.",
+        SERVER_ERROR,
+        None,
+        "shutting_down",
+        {"Retry-After": str(retry_after), "Connection": "close"},
+    )
+
+
+def not_ready(retry_after: int) -> APIError:
+    return APIError(
+        503, "The model is still loading.", SERVER_ERROR, None, "model_loading", {"Retry-After": str(retry_after)}
+    )
+
+
+def internal_error() -> APIError:
+    return APIError(500, INTERNAL_MESSAGE, SERVER_ERROR, None, "internal_error")
+
+
+def route_not_found(method: str, path: str) -> APIError:
+    return APIError(404, f"Invalid URL ({method} {path})", INVALID_REQUEST, None, "unknown_url")
+
+
+def method_not_allowed(method: str, path: str) -> APIError:
+    return APIError(405, f"Method {method} is not allowed on {path}", INVALID_REQUEST, None, "method_not_allowed")
+
+
+def param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """A pydantic error location as OpenAI names a parameter: ``messages[0].content``."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            if parts:
+                parts[-1] += f"[{item}]"
+            else:
+                parts.append(f"[{item}]")
+        else:
+            text = str(item)
+            # pydantic adds the union member or validator kind to the path
+            # ("str", "list[str]", "function-after[...]"): not a parameter.
+            if "[" in text or text in {"str", "int", "float", "bool", "list", "dict", "none", "literal"}:
+                continue
+            parts.append(text)
+    return ".".join(parts) or None
+
+
+def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
+    """A request-schema violation (pydantic ``errors()``) as a 400 naming the field."""
+    if not errors:
+        return invalid_request("Invalid request body.")
+    first = errors[0]
+    loc = tuple(first.get("loc") or ())
+    # vLLM's request models validate with "wrap"/"before" model validators
+    # whose errors have no location; their message then carries the detail.
+    param = param_from_loc(loc)
+    msg = str(first.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    message = f"Invalid value for '{param}': {msg}" if param else msg
+    if first.get("type") == "missing" and param:
+        message = f"Missing required parameter: '{param}'."
+    return APIError(400, message, INVALID_REQUEST, param, "missing_required_parameter" if first.get("type") == "missing" else "invalid_value")
+
+
+def from_engine_error(status: int, message: str, param: str | None, prompt_param: str) -> APIError:
+    """An error vLLM's serving layer returned (its ErrorResponse) in our shape.
+
+    ``prompt_param`` is the field holding the input (``messages`` or
+    ``prompt``): a context overflow is reported against it, as OpenAI does.
+    """
+    if status >= 500 and status not in (501, 503):
+        return internal_error()
+    if status == 503:
+        return APIError(503, "The engine cannot take this request now; retry later.", SERVER_ERROR, None,
+                        "engine_unavailable", {"Retry-After": "1"})  # fmt: skip
+    if status == 404:
+        if param == "model" or "model" in message.lower():
+            return APIError(404, message, INVALID_REQUEST, "model", "model_not_found")
+        return APIError(404, message, INVALID_REQUEST, param, "not_found")
+    if _CONTEXT_RE.search(message):
+        return APIError(400, message, INVALID_REQUEST, prompt_param, "context_length_exceeded")
+    # vLLM's internal parameter names for the prompt are not request fields.
+    if param in {"input_tokens", "input_text", "prompt_embeds"}:
+        param = prompt_param
+    # vLLM returns 422 for a few semantic checks and 501 for features the model
+    # lacks; both are the caller's request, which OpenAI answers with 400.
+    return APIError(400, message, INVALID_REQUEST, param, "invalid_value")
+
+
+def engine_error_from_body(status: int, body: dict[str, Any], prompt_param: str) -> APIError:
+    """Like :func:`from_engine_error`, from vLLM's ``ErrorResponse.model_dump()``."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return internal_error() if status >= 500 else invalid_request("Invalid request.", None)
+    return from_engine_error(status, str(err.get("message", "")), err.get("param"), prompt_param)

@@ -1,0 +1,154 @@
+"""Request checks the runtime applies before vLLM sees a request.
+
+Pure functions over the already schema-validated request object (vLLM's
+``ChatCompletionRequest`` / ``CompletionRequest``; anything with the same
+attributes works, which is how the unit tests drive them):
+
+* the model name must be the served one (404 ``model_not_found``);
+* configurable caps on ``n``, ``max_tokens`` (and ``max_completion_tokens``),
+  ``best_of`` and ``logprobs`` / ``top_logprobs`` (400 naming the parameter);
+* ``best_of``, which vLLM 0.32 removed from its request models, is given a
+  meaning again: with ``use_beam_search`` it is the beam width and the best
+  ``n`` beams are returned; without beam search, ``best_of == n`` is accepted
+  and ``best_of > n`` is refused with a 400 saying why (the V1 engine cannot
+  sample extra sequences and rank them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import APIError, invalid_request, model_not_found
+
+
+@dataclass(frozen=True)
+class Limits:
+    n: int = 16
+    best_of: int = 16
+    max_tokens: int = 32768
+    logprobs: int = 20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the route must do beyond handing the request to vLLM.
+
+    ``engine_n``: if not None, set the request's ``n`` to it (beam width);
+    ``keep_n``: trim the response's choices to this many (best first).
+    """
+
+    engine_n: int | None = None
+    keep_n: int | None = None
+
+
+def check_shape(body: dict[str, Any], kind: str) -> APIError | None:
+    """Structural checks vLLM's request models do not word well.
+
+    vLLM validates ``messages`` inside model validators that iterate it
+    before type-checking, so ``"messages": null`` surfaces as "'NoneType'
+    object is not iterable" with no parameter. Checking the outline first gives
+    the client a message and a ``param`` that say what is wrong.
+    """
+    if kind != "chat":
+        return None
+    if "messages" not in body:
+        return APIError(400, "Missing required parameter: 'messages'.", "invalid_request_error", "messages",
+                        "missing_required_parameter")  # fmt: skip
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        return invalid_request("'messages' must be an array of message objects.", "messages")
+    if not messages:
+        return invalid_request("'messages' must contain at least one message.", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return invalid_request(f"'messages[{i}]' must be an object with 'role' and 'content'.", f"messages[{i}]")
+        if not isinstance(message.get("role"), str):
+            return invalid_request(f"'messages[{i}].role' must be a string.", f"messages[{i}].role")
+    return None
+
+
+def check_model(requested: Any, served: str) -> APIError | None:
+    # A missing model is accepted (vLLM then uses the served one); OpenAI's
+    # SDKs always send it.
+    if requested is None:
+        return None
+    if requested != served:
+        return model_not_found(str(requested))
+    return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def check_caps(request: Any, limits: Limits, kind: str) -> APIError | Plan:
+    """Enforce the caps; return the plan for best_of, or the 400 to send."""
+    n = getattr(request, "n", 1)
+    n = 1 if n is None else n
+    if n < 1:
+        return invalid_request(f"n must be at least 1, got {n}.", "n")
+    if n > limits.n:
+        return invalid_request(f"n must be at most {limits.n}, got {n}.", "n")
+
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(request, name, None)
+        if value is None:
+            continue
+        if value < 1:
+            return invalid_request(f"{name} must be at least 1, got {value}.", name)
+        if value > limits.max_tokens:
+            return invalid_request(f"{name} must be at most {limits.max_tokens}, got {value}.", name)
+
+    if kind == "chat":
+        top = getattr(request, "top_logprobs", None)
+        if top is not None and top > limits.logprobs:
+            return invalid_request(f"top_logprobs must be at most {limits.logprobs}, got {top}.", "top_logprobs")
+    else:
+        lp = getattr(request, "logprobs", None)
+        if lp is not None and lp > limits.logprobs:
+            return invalid_request(f"logprobs must be at most {limits.logprobs}, got {lp}.", "logprobs")
+    prompt_lp = getattr(request, "prompt_logprobs", None)
+    if prompt_lp is not None and prompt_lp > limits.logprobs:
+        return invalid_request(
+            f"prompt_logprobs must be at most {limits.logprobs}, got {prompt_lp}.", "prompt_logprobs"
+        )
+
+    return _plan_best_of(request, limits, n)
+
+
+def _plan_best_of(request: Any, limits: Limits, n: int) -> APIError | Plan:
+    extra = getattr(request, "model_extra", None) or {}
+    raw = extra.get("best_of", getattr(request, "best_of", None))
+    if raw is None:
+        return Plan()
+    best_of = _int_or_none(raw)
+    if best_of is None:
+        return invalid_request("best_of must be an integer.", "best_of")
+    if best_of < 1:
+        return invalid_request(f"best_of must be at least 1, got {best_of}.", "best_of")
+    if best_of > limits.best_of:
+        return invalid_request(f"best_of must be at most {limits.best_of}, got {best_of}.", "best_of")
+    if best_of < n:
+        return invalid_request(f"best_of must be greater than or equal to n, got best_of={best_of} and n={n}.", "best_of")
+    if best_of == n:
+        return Plan()
+    if not getattr(request, "use_beam_search", False):
+        return invalid_request(
+            "best_of greater than n is supported only with use_beam_search=true "
+            "(then best_of is the beam width); vLLM's engine does not rank extra samples.",
+            "best_of",
+        )
+    if getattr(request, "stream", False):
+        return invalid_request("best_of greater than n cannot be combined with stream=true.", "best_of")
+    return Plan(engine_n=best_of, keep_n=n)
+
+
+def trim_choices(body: dict[str, Any], keep_n: int) -> dict[str, Any]:
+    """Keep the first ``keep_n`` choices (beam search returns them best first)."""
+    choices = body.get("choices")
+    if isinstance(choices, list) and len(choices) > keep_n:
+        body["choices"] = [dict(c, index=i) for i, c in enumerate(choices[:keep_n])]
+    return body

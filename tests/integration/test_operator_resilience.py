@@ -1,0 +1,135 @@
+"""The operator killed mid-reconcile and restarted; two operator processes (kopf peering)."""
+
+from __future__ import annotations
+
+import pytest
+from fixtures_operator import (
+    Kubectl,
+    OperatorProcess,
+    mep,
+    operator_writes,
+    wait_for,
+    wait_phase,
+)
+
+SELECTOR = "app.kubernetes.io/managed-by=modelendpoint-operator"
+
+
+def _handled_by(op: OperatorProcess, name: str, namespace: str) -> bool:
+    """Whether ``op`` ran a ModelEndpoint handler for ``namespace/name``."""
+    for line in op.log_lines():
+        obj = line.get("object") or {}
+        if (obj.get("kind") == "ModelEndpoint" and obj.get("name") == name
+                and obj.get("namespace") == namespace
+                and str(line.get("message", "")).startswith("Handler 'on_")):
+            return True
+    return False
+
+
+def test_killed_mid_reconcile_converges_without_duplicates(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    # Slow the operator down (one API request at a time) so that a burst is still
+    # being reconciled when it is killed.
+    operator.stop()
+    operator.extra_env["MEP_OPERATOR_MAX_API_REQUESTS"] = "1"
+    operator.restart()
+    names = [f"burst-{i}" for i in range(24)]
+    try:
+        kubectl.apply([mep(n, namespace, model=f"m/{n}", gpus=0,
+                           ingress={"enabled": True}) for n in names])
+        # Kill -9 as soon as the first children appear: the others are mid-flight.
+        wait_for(lambda: kubectl.list("deployment", namespace, SELECTOR), 30, interval=0.05,
+                 what="the first Deployment")
+    finally:
+        operator.kill()
+        del operator.extra_env["MEP_OPERATOR_MAX_API_REQUESTS"]
+    partial = (len(kubectl.list("deployment", namespace, SELECTOR)),
+               len(kubectl.list("service", namespace, SELECTOR)),
+               len(kubectl.list("ingress", namespace, SELECTOR)))
+    operator.restart()
+
+    for n in names:
+        wait_phase(kubectl, namespace, n, "Ready", timeout=90)
+    # Exactly one of each child per ModelEndpoint: deterministic names, no duplicates.
+    for kind in ("deployment", "service", "ingress"):
+        items = kubectl.list(kind, namespace, SELECTOR)
+        owners = sorted(i["metadata"]["labels"]["serving.modelendpoint.dev/endpoint"] for i in items)
+        assert owners == sorted(names), (kind, owners)
+    assert len(kubectl.list("replicaset", namespace, SELECTOR)) == len(names)
+    # Killed mid-burst: some ModelEndpoints had no or only some children yet.
+    assert min(partial) < len(names), partial
+    print(f"(Deployments, Services, Ingresses) when killed: {partial} of {len(names)}")
+
+    # A restart of a converged operator (kopf's resume handlers) writes nothing.
+    before = {n: operator_writes(kubectl, namespace, n) for n in names}
+    count = 'modelendpoint_operator_reconciles_total{result="ok",trigger="resume"}'
+    operator.stop()
+    operator.restart()
+    wait_for(lambda: operator.metrics().get(count, 0) >= len(names), 60,
+             what="the resume reconciles")
+    assert {n: operator_writes(kubectl, namespace, n) for n in names} == before
+
+
+@pytest.fixture
+def second_operator(control_plane, mep_crds, operator_logs, operator: OperatorProcess):
+    """Another operator process with a higher peering priority than the session's one."""
+    op = OperatorProcess(control_plane, operator_logs, "operator-2",
+                         priority=operator.priority + 1000)
+    try:
+        yield op
+    finally:
+        op.stop()
+        # The session operator resumes once the other one has left the peering.
+        wait_for(lambda: any("Resuming operations" in str(x.get("message"))
+                             for x in operator.log_lines()[-200:]), 60,
+                 what="the session operator to resume")
+
+
+def test_two_operators_one_active(kubectl: Kubectl, namespace: str, operator: OperatorProcess,
+                                  second_operator: OperatorProcess) -> None:
+    mark = len(operator.log_lines())
+    second_operator.start()
+    wait_for(lambda: any("Pausing operations in favour of" in str(x.get("message"))
+                         for x in operator.log_lines()[mark:]), 60,
+             what="the lower-priority operator to pause")
+
+    kubectl.apply(mep("solo", namespace, model="m/solo", gpus=0))
+    wait_phase(kubectl, namespace, "solo", "Ready", timeout=60)
+    assert _handled_by(second_operator, "solo", namespace)
+    assert not _handled_by(operator, "solo", namespace)
+    assert len(kubectl.list("deployment", namespace, SELECTOR)) == 1
+
+    # When the active one stops, the other takes over.
+    second_operator.stop()
+    wait_for(lambda: any("Resuming operations" in str(x.get("message"))
+                         for x in operator.log_lines()[mark:]), 60,
+             what="the remaining operator to resume")
+    kubectl.apply(mep("after", namespace, model="m/after", gpus=0))
+    wait_phase(kubectl, namespace, "after", "Ready", timeout=60)
+    assert _handled_by(operator, "after", namespace)
+
+
+def test_operator_watching_a_namespace_list_ignores_the_others(
+    control_plane, kubectl: Kubectl, namespace: str, operator_logs, operator: OperatorProcess
+) -> None:
+    other = f"{namespace}-x"
+    kubectl("create", "namespace", other)
+    scoped = OperatorProcess(control_plane, operator_logs, "operator-scoped", priority=1,
+                             extra_env={"MEP_OPERATOR_NAMESPACES": namespace,
+                                        "MEP_OPERATOR_STANDALONE": "true"})
+    try:
+        scoped.start()
+        kubectl.apply([mep("inside", namespace, model="m/in", gpus=0),
+                       mep("outside", other, model="m/out", gpus=0)])
+        # The session operator (cluster-wide) reconciles both; the scoped one only its own.
+        wait_phase(kubectl, namespace, "inside", "Ready")
+        wait_phase(kubectl, other, "outside", "Ready")
+        wait_for(lambda: _handled_by(scoped, "inside", namespace), 30,
+                 what="the scoped operator to handle its namespace")
+        assert not _handled_by(scoped, "outside", other)
+        assert not any((line.get("object") or {}).get("namespace") == other
+                       for line in scoped.log_lines())
+    finally:
+        scoped.stop()
+        kubectl("delete", "namespace", other, "--wait=false", check=False)

@@ -1,0 +1,112 @@
+"""The API server itself rejects invalid ModelEndpoints (schema, CEL rules, strict fields).
+
+Only the CRD is needed (no operator): each case goes through `kubectl create
+--validate=strict --dry-run=server`, exactly what a user's apply hits, and the
+error must name the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures_operator import Kubectl, mep
+
+VALID = {"model": "org/model"}
+
+# (id, spec changes or a whole object, field the message must name, extra text expected)
+CASES = [
+    ("missing-model", {"model": None}, "spec.model", "Required"),
+    ("empty-model", {"model": ""}, "spec.model", ""),
+    ("negative-replicas", {"replicas": -1}, "spec.replicas", ""),
+    ("negative-gpus", {"gpus": -2}, "spec.gpus", ""),
+    ("gpus-not-integer", {"gpus": "two"}, "spec.gpus", ""),
+    ("dtype-enum", {"engine": {"dtype": "int3"}}, "spec.engine.dtype", "supported values"),
+    ("gpu-mem-zero", {"engine": {"gpuMemoryUtilization": 0}}, "spec.engine.gpuMemoryUtilization",
+     ""),
+    ("gpu-mem-above-one", {"engine": {"gpuMemoryUtilization": 1.5}},
+     "spec.engine.gpuMemoryUtilization", ""),
+    ("tp-above-gpus", {"gpus": 2, "engine": {"tensorParallelSize": 4}},
+     "spec.engine.tensorParallelSize", "at most gpus"),
+    ("tp-with-default-gpus", {"engine": {"tensorParallelSize": 2}},
+     "spec.engine.tensorParallelSize", "at most gpus"),
+    ("max-model-len-zero", {"engine": {"maxModelLen": 0}}, "spec.engine.maxModelLen", ""),
+    ("extra-args-not-strings", {"engine": {"extraArgs": [{"a": 1}]}}, "spec.engine.extraArgs", ""),
+    ("pull-policy-enum", {"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy", ""),
+    ("bad-quantity", {"resources": {"limits": {"memory": "lots"}}}, "spec.resources.limits.memory",
+     ""),
+    ("unknown-resource", {"resources": {"limits": {"nvidia.com/gpu": 1}}}, "spec.resources.limits",
+     "unknown field"),
+    ("secret-ref-without-key", {"apiKeySecretRef": {"name": "api"}}, "spec.apiKeySecretRef.key",
+     "Required"),
+    ("cache-both", {"modelCache": {"claimName": "c", "size": "10Gi"}}, "spec.modelCache.claimName",
+     "exactly one"),
+    ("cache-neither", {"modelCache": {}}, "spec.modelCache.claimName", "exactly one"),
+    ("cache-class-without-size", {"modelCache": {"claimName": "c", "storageClassName": "fast"}},
+     "spec.modelCache.storageClassName", ""),
+    ("shm-not-quantity", {"shmSize": "big"}, "spec.shmSize", ""),
+    ("tls-without-host", {"ingress": {"enabled": True, "tlsSecretName": "t"}},
+     "spec.ingress.tlsSecretName", "requires ingress.host"),
+    ("ingress-path-relative", {"ingress": {"enabled": True, "path": "v2/x"}}, "spec.ingress.path",
+     ""),
+    ("service-type-enum", {"service": {"type": "ExternalName"}}, "spec.service.type", ""),
+    ("service-port-range", {"service": {"port": 70000}}, "spec.service.port", ""),
+    ("toleration-operator", {"tolerations": [{"key": "a", "operator": "Maybe"}]},
+     "spec.tolerations[0].operator", ""),
+    ("env-value-and-valuefrom", {"env": [{"name": "A", "value": "1",
+                                          "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]},
+     "spec.env[0].valueFrom", ""),
+    ("env-duplicate-name", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+     "spec.env[1]", "Duplicate"),
+    ("unknown-spec-field", {"replica": 2}, "spec.replica", "unknown field"),
+    ("unknown-engine-field", {"engine": {"tensorParalelSize": 1}}, "spec.engine.tensorParalelSize",
+     "unknown field"),
+]
+
+
+def _spec(changes: dict) -> dict:
+    spec = dict(VALID)
+    for key, value in changes.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return spec
+
+
+def _create(kubectl: Kubectl, obj: dict):
+    return kubectl.run("create", "--validate=strict", "--dry-run=server", "-o", "json", "-f", "-",
+                       input=json.dumps(obj))
+
+
+@pytest.mark.parametrize("changes,field,text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_invalid_modelendpoint_is_rejected_naming_the_field(
+    kubectl: Kubectl, mep_crds, changes: dict, field: str, text: str
+) -> None:
+    proc = _create(kubectl, mep("bad", "default", **_spec(changes)))
+    assert proc.returncode != 0, f"accepted: {proc.stdout[:300]}"
+    assert field in proc.stderr, proc.stderr
+    assert text in proc.stderr, proc.stderr
+
+
+def test_name_that_cannot_name_a_service_is_rejected(kubectl: Kubectl, mep_crds) -> None:
+    proc = _create(kubectl, mep("model.v1", "default", **VALID))
+    assert proc.returncode != 0
+    assert "metadata.name" in proc.stderr and "DNS-1035" in proc.stderr, proc.stderr
+
+
+def test_valid_objects_are_accepted_with_defaults(kubectl: Kubectl, mep_crds) -> None:
+    proc = _create(kubectl, mep("ok", "default", model="org/m", gpus=4,
+                                engine={"tensorParallelSize": 4},
+                                modelCache={"size": "100Gi", "storageClassName": "fast"},
+                                ingress={"enabled": True, "host": "a.example.com",
+                                         "tlsSecretName": "t"}))
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)["spec"]
+    assert spec["replicas"] == 1 and spec["responseRole"] == "assistant"
+    assert spec["rawOpenAIOutput"] is True and spec["shmSize"] == "8Gi"
+    assert spec["gpuResourceName"] == "nvidia.com/gpu"
+    assert spec["service"] == {"type": "ClusterIP", "port": 80}
+    # CPU-only endpoints are valid (gpus: 0).
+    proc = _create(kubectl, mep("cpu", "default", model="org/m", gpus=0))
+    assert proc.returncode == 0, proc.stderr

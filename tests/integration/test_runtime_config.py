@@ -1,0 +1,73 @@
+"""Configurations other than the shared server's, without ever running two engines.
+
+* The served name defaulting to MODEL_NAME, a non-default OPENAI_RESPONSE_ROLE,
+  RAW_OPENAI_OUTPUT=0 (NDJSON by default), no API_KEY (no auth) and no
+  ENDPOINT_ID (any id): a second server, started only after the shared one
+  has exited (``runtime_after_drain``).
+* A setting vLLM itself rejects (MAX_MODEL_LEN beyond the model's) stops the
+  process with one line naming the variable; no engine is started for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from fixtures_runtime import RUNTIME_TEST_ENV, free_port, start_runtime
+
+
+@pytest.mark.runtime_after_drain
+def test_served_name_default_role_ndjson_and_no_auth(runtime_server, embedded_model_dir, tmp_path):
+    # The shared server is done (the drain test SIGTERMed it); make sure
+    # before starting this one.
+    runtime_server.stop()
+    assert not runtime_server.alive()
+    server = start_runtime(
+        embedded_model_dir,
+        tmp_path / "runtime-2.log",
+        {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "", "OPENAI_RESPONSE_ROLE": "narrator", "RAW_OPENAI_OUTPUT": "0",
+         "API_KEY": "", "ENDPOINT_ID": ""},  # fmt: skip
+    )
+    try:
+        name = str(embedded_model_dir)
+        base = f"{server.root_url}/v2/any-endpoint/openai/v1"  # no ENDPOINT_ID: any id, no key needed
+        models = httpx.get(base + "/models").json()
+        assert [m["id"] for m in models["data"]] == [name]
+
+        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+        r = httpx.post(base + "/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "narrator"
+
+        # With the official SDK too (non-streaming).
+        from openai import OpenAI
+
+        client = OpenAI(api_key="unused", base_url=base, max_retries=0)
+        resp = client.chat.completions.create(model=name, messages=body["messages"], max_tokens=2)
+        assert resp.choices[0].message.role == "narrator"
+
+        r = httpx.post(base + "/chat/completions", json=body | {"stream": True}, timeout=60)
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        chunks = [json.loads(line) for line in r.text.splitlines()]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "narrator"
+        assert "[DONE]" not in r.text and chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+        assert httpx.post(base + "/chat/completions", json=body | {"model": "smollm2-135m-instruct"}).status_code == 404
+    finally:
+        assert server.stop() == 0
+
+
+def test_setting_rejected_by_vllm_exits_with_one_line(embedded_model_dir):
+    env = {**os.environ, **RUNTIME_TEST_ENV, "MODEL_NAME": str(embedded_model_dir), "MAX_MODEL_LEN": "999999",
+           "HOST": "127.0.0.1", "PORT": str(free_port())}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "modelendpoint_runtime"], env=env, capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("modelendpoint-runtime:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("modelendpoint-runtime: invalid MAX_MODEL_LEN:")
+    assert "Traceback" not in proc.stderr

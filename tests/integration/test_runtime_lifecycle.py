@@ -1,0 +1,220 @@
+"""Admission control, client disconnects, metrics, request logs, stream framing, SIGTERM drain.
+
+All against the shared runtime server (MAX_CONCURRENT_REQUESTS=3, see
+tests/fixtures_runtime.py). The drain test SIGTERMs that server, so it is
+marked ``runtime_drain`` and runs after every other test of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from contextlib import ExitStack
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+import pytest
+
+from fixtures_runtime import wait_for
+
+LONG = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}  # ~50 s of CPU time if not aborted
+
+
+def metric(server, name: str) -> float:
+    """The sum of a metric's samples (all label sets)."""
+    total, found = 0.0, False
+    for line in server.metrics_text().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"metric {name} not exposed"
+    return total
+
+
+def engine_idle(server) -> bool:
+    return metric(server, "vllm:num_requests_running") == 0 and metric(server, "modelendpoint_requests_in_flight") == 0
+
+
+def next_data(lines) -> str:
+    """The next SSE line that is not the blank line between frames."""
+    for line in lines:
+        if line:
+            return line
+    raise AssertionError("the stream ended")
+
+
+def open_streams(stack: ExitStack, server, count: int) -> list:
+    """Start ``count`` long streaming completions; return once each produced a token."""
+    client = stack.enter_context(httpx.Client(timeout=60, headers=server.headers))
+    streams = []
+    for i in range(count):
+        body = {"model": server.model, "prompt": f"Tell story number {i}", "stream": True, **LONG}
+        response = stack.enter_context(client.stream("POST", server.base_url + "/completions", json=body))
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next_data(lines).startswith("data: {")
+        streams.append((response, lines))
+    return streams
+
+
+def test_overload_is_immediate_503_with_retry_after_and_disconnect_aborts(runtime_server, openai_client):
+    wait_for(lambda: engine_idle(runtime_server), 30, what="an idle engine before the test")
+    generated_before = metric(runtime_server, "vllm:generation_tokens_total")
+    with ExitStack() as stack:
+        streams = open_streams(stack, runtime_server, 3)  # MAX_CONCURRENT_REQUESTS=3
+        assert metric(runtime_server, "modelendpoint_requests_in_flight") == 3
+        assert metric(runtime_server, "vllm:num_requests_running") == 3
+
+        started = time.monotonic()
+        r = httpx.post(runtime_server.base_url + "/chat/completions", headers=runtime_server.headers,
+                       json={"model": runtime_server.model, "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+        assert time.monotonic() - started < 2  # refused at once, not queued
+        assert r.status_code == 503 and r.headers["Retry-After"] == "2"
+        assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "server_error"
+        with pytest.raises(openai.InternalServerError) as exc:
+            openai_client.completions.create(model=runtime_server.model, prompt="x", max_tokens=1)
+        assert exc.value.status_code == 503 and exc.value.response.headers["Retry-After"] == "2"
+        assert metric(runtime_server, "modelendpoint_requests_rejected_total") >= 2
+        # /ready stays 200: overload is not unreadiness.
+        assert httpx.get(runtime_server.root_url + "/ready").status_code == 200
+
+        # The streams are still going...
+        for _, lines in streams:
+            assert next_data(lines).startswith("data: {")
+    # ...and closing them (client disconnect) aborts their engine requests.
+    wait_for(lambda: engine_idle(runtime_server), 10, what="the engine to drop the aborted requests")
+    # Proof they were cut short, not run to their end: far fewer than the
+    # 3 x 1000 tokens they asked for were generated.
+    assert metric(runtime_server, "vllm:generation_tokens_total") - generated_before < 1500
+
+
+def test_non_streaming_disconnect_aborts_the_engine_request(runtime_server):
+    wait_for(lambda: engine_idle(runtime_server), 30, what="an idle engine before the test")
+    generated_before = metric(runtime_server, "vllm:generation_tokens_total")
+    body = {"model": runtime_server.model, "prompt": "Tell a long story", **LONG}
+    _post_and_drop(runtime_server, body)
+    wait_for(lambda: engine_idle(runtime_server), 10, what="the engine to drop the abandoned request")
+    assert metric(runtime_server, "vllm:generation_tokens_total") - generated_before < 500  # not 1000
+
+
+def _post_and_drop(server, body: dict) -> None:
+    """Send a non-streaming request, wait until the engine runs it, then hang up."""
+    u = urlsplit(server.base_url + "/completions")
+    payload = json.dumps(body).encode()
+    auth = server.headers["Authorization"]
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.sendall(
+        f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: {auth}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+    )
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 1, 20, what="the engine to start the request")
+    sock.close()
+
+
+def test_metrics_expose_runtime_and_engine_series(runtime_server, openai_client):
+    openai_client.completions.create(model=runtime_server.model, prompt="Hi", max_tokens=2)
+    list(openai_client.completions.create(model=runtime_server.model, prompt="Hi", max_tokens=2, stream=True))
+    text = runtime_server.metrics_text()
+    for name in (
+        "modelendpoint_requests_total",
+        "modelendpoint_request_duration_seconds_bucket",
+        "modelendpoint_time_to_first_token_seconds_bucket",
+        "modelendpoint_prompt_tokens_total",
+        "modelendpoint_completion_tokens_total",
+        "modelendpoint_requests_in_flight",
+        "modelendpoint_ready",
+        # vLLM's own engine metrics, same scrape:
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+    ):
+        assert re.search(rf"^{re.escape(name)}[{{ ]", text, re.M), name
+    route = f"/v2/{{endpoint_id}}/openai/v1/completions"
+    assert re.search(rf'modelendpoint_requests_total{{method="POST",route="{re.escape(route)}",status="200"}} [1-9]', text)
+    assert re.search(rf'modelendpoint_time_to_first_token_seconds_count{{route="{re.escape(route)}",stream="true"}} [1-9]', text)
+    assert metric(runtime_server, "modelendpoint_completion_tokens_total") >= 4
+    assert metric(runtime_server, "modelendpoint_ready") == 1
+    # The endpoint id never becomes a label value.
+    assert runtime_server.endpoint_id not in text
+
+
+def test_one_json_log_line_per_request_without_prompt_text(runtime_server, openai_client):
+    def logged():
+        return [
+            json.loads(line)
+            for line in runtime_server.log_text().splitlines()
+            if line.startswith("{") and '"msg":"request"' in line and 'chat/completions"' in line
+        ]
+
+    before = len(logged())
+    secret_prompt = "zebra-quartz-7781 tell me a secret"
+    r = openai_client.chat.completions.create(
+        model=runtime_server.model, messages=[{"role": "user", "content": secret_prompt}], max_tokens=3
+    )
+    wait_for(lambda: len(logged()) > before, 10, what="the request's log line")
+    entries = logged()[before:]
+    assert len(entries) == 1  # exactly one line for the one request
+    (entry,) = entries
+    assert entry["method"] == "POST" and entry["status"] == 200 and entry["model"] == runtime_server.model
+    assert entry["route"] == "/v2/{endpoint_id}/openai/v1/chat/completions"
+    assert entry["prompt_tokens"] == r.usage.prompt_tokens
+    assert entry["completion_tokens"] == r.usage.completion_tokens
+    assert entry["latency_ms"] > 0 and entry["stream"] is False
+    assert "zebra-quartz" not in runtime_server.log_text()
+
+
+def test_ndjson_stream_when_asked(runtime_server):
+    # RAW_OPENAI_OUTPUT=0 makes NDJSON the default; a client can also ask for it.
+    body = {"model": runtime_server.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    h = dict(runtime_server.headers, Accept="application/x-ndjson")
+    r = httpx.post(runtime_server.base_url + "/completions", json=body, headers=h, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = r.text.splitlines()
+    objs = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert "[DONE]" not in r.text and not any(line.startswith("data:") for line in lines)
+    assert objs[-1]["usage"]["completion_tokens"] == 4
+    text = "".join(o["choices"][0]["text"] for o in objs if o["choices"])
+    sse = httpx.post(runtime_server.base_url + "/completions", json=body, headers=runtime_server.headers, timeout=60)
+    assert sse.headers["content-type"].startswith("text/event-stream")
+    frames = [f for f in sse.text.split("\n\n") if f]
+    assert frames[-1] == "data: [DONE]"
+    assert "".join(json.loads(f[6:])["choices"][0]["text"] for f in frames[:-1] if json.loads(f[6:])["choices"]) == text
+
+
+def test_health_and_ready(runtime_server):
+    assert httpx.get(runtime_server.root_url + "/health").json() == {"status": "ok"}
+    assert httpx.get(runtime_server.root_url + "/ready").json() == {"status": "ready"}
+
+
+@pytest.mark.runtime_drain
+def test_sigterm_drains_then_exits_zero(runtime_server):
+    """Runs last: readiness 503, new requests 503, the in-flight stream completes, exit 0."""
+    server = runtime_server
+    client = httpx.Client(timeout=120, headers=server.headers)
+    body = {"model": server.model, "prompt": "Count slowly", "stream": True, "max_tokens": 60, "ignore_eos": True,
+            "temperature": 0}  # fmt: skip
+    with client.stream("POST", server.base_url + "/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next_data(lines).startswith("data: {")
+        server.process.send_signal(15)  # SIGTERM
+
+        wait_for(lambda: httpx.get(server.root_url + "/ready").status_code == 503, 10, what="/ready to turn 503")
+        assert httpx.get(server.root_url + "/ready").json() == {"status": "draining"}
+        refused = httpx.post(server.base_url + "/completions", headers=server.headers,
+                             json={"model": server.model, "prompt": "x", "max_tokens": 1})  # fmt: skip
+        assert refused.status_code == 503 and "Retry-After" in refused.headers
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert server.alive()
+
+        rest = list(lines)
+    frames = [line for line in rest if line]
+    assert frames[-1] == "data: [DONE]"
+    last = json.loads(frames[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length"  # finished, not cut off
+    assert server.process.wait(60) == 0
+    assert '"msg":"drained"' in server.log_text()

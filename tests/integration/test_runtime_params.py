@@ -1,0 +1,204 @@
+"""Each parameter of the guide's tables reaches vLLM's engine and changes what it does.
+
+Through the official ``openai`` SDK (vLLM's extras via ``extra_body``, as a
+user would send them). Greedy decoding (temperature 0) makes most effects
+exact; small ``max_tokens`` keeps the CPU engine quick.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Say yes or no."}]
+
+
+@pytest.fixture(scope="module")
+def tok(embedded_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir))
+
+
+@pytest.fixture(scope="module")
+def c(openai_client, runtime_server):
+    """complete(**kw) -> CompletionResponse for the served model."""
+
+    def complete(prompt=PROMPT, **kw):
+        extra = {k: kw.pop(k) for k in list(kw) if k in EXTRAS}
+        return openai_client.completions.create(model=runtime_server.model, prompt=prompt, extra_body=extra or None, **kw)
+
+    return complete
+
+
+@pytest.fixture(scope="module")
+def chat(openai_client, runtime_server):
+    def create(messages=CHAT, **kw):
+        extra = {k: kw.pop(k) for k in list(kw) if k in EXTRAS}
+        return openai_client.chat.completions.create(
+            model=runtime_server.model, messages=messages, extra_body=extra or None, **kw
+        )
+
+    return create
+
+
+EXTRAS = {
+    "best_of", "top_k", "ignore_eos", "use_beam_search", "stop_token_ids", "skip_special_tokens",
+    "spaces_between_special_tokens", "add_generation_prompt", "echo", "repetition_penalty", "min_p",
+    "length_penalty", "include_stop_str_in_output",
+}  # fmt: skip
+
+
+def test_max_tokens_bounds_completion_tokens(c, chat):
+    r = c(max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    r = chat(max_tokens=2, temperature=0, ignore_eos=True)
+    assert r.usage.completion_tokens == 2
+
+
+def test_temperature_zero_is_deterministic(c):
+    a = c(max_tokens=8, temperature=0).choices[0].text
+    b = c(max_tokens=8, temperature=0).choices[0].text
+    assert a == b and a
+
+
+def test_seed_reproduces_a_sampled_answer(c):
+    kw = dict(max_tokens=12, temperature=1.5, top_p=1.0)
+    a = c(seed=1234, **kw).choices[0].text
+    b = c(seed=1234, **kw).choices[0].text
+    assert a == b
+    # Different seeds give different samples (at temperature 1.5, 12 tokens).
+    others = {c(seed=s, **kw).choices[0].text for s in (1, 2, 3)}
+    assert len(others | {a}) > 1
+
+
+def test_n_gives_n_choices(c, chat):
+    r = c(n=3, max_tokens=2, temperature=1.0, seed=5)
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    assert len(chat(n=2, max_tokens=2).choices) == 2
+
+
+def test_stop_string_and_list_and_include_stop_str(c):
+    full = c(max_tokens=10, temperature=0).choices[0].text  # " Paris.\n\nThe answer is:" or so
+    word = full.strip().split()[0][:3]  # a piece of the first word
+    assert word
+    r = c(max_tokens=10, temperature=0, stop=word)
+    assert word not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+    assert full.startswith(r.choices[0].text)
+    r = c(max_tokens=10, temperature=0, stop=["zzzz-never", word])
+    assert word not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+    r = c(max_tokens=10, temperature=0, stop=[word], include_stop_str_in_output=True)
+    assert r.choices[0].text.endswith(word)
+
+
+def test_echo_prefixes_the_prompt(c):
+    r = c(max_tokens=3, temperature=0, echo=True)
+    assert r.choices[0].text.startswith(PROMPT) and len(r.choices[0].text) > len(PROMPT)
+
+
+def test_logprobs_are_returned(c, chat):
+    r = c(max_tokens=3, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3
+    assert all(len(top) >= 2 for top in lp.top_logprobs)
+    r = chat(max_tokens=2, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 2 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_top_p_top_k_min_p_narrow_sampling_to_greedy(c):
+    greedy = c(max_tokens=8, temperature=0).choices[0].text
+    # Each of these alone leaves only the most likely token at every step, so
+    # a hot temperature still gives the greedy text: the value reached the sampler.
+    for kw in ({"top_p": 1e-6}, {"top_k": 1}, {"min_p": 1.0}):
+        assert c(max_tokens=8, temperature=2.0, seed=7, **kw).choices[0].text == greedy, kw
+
+
+def test_penalties_change_greedy_output(c):
+    prompt = "one two one two one two one two one two"
+    base = c(prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        assert c(prompt=prompt, max_tokens=8, temperature=0, **kw).choices[0].text != base, kw
+
+
+def test_logit_bias_forces_a_token(c, tok):
+    token_id = tok.encode(" banana", add_special_tokens=False)[0]
+    r = c(max_tokens=3, temperature=0, logit_bias={str(token_id): 100})
+    assert r.choices[0].text == tok.decode([token_id] * 3)
+
+
+def test_user_is_accepted(c, chat):
+    assert c(max_tokens=1, user="user-123").choices[0].text is not None
+    assert chat(max_tokens=1, user="user-123").choices
+
+
+def test_ignore_eos_generates_past_the_end(chat):
+    r = chat(max_tokens=48, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 48  # the model stops by itself
+    r = chat(max_tokens=48, temperature=0, ignore_eos=True)
+    assert r.usage.completion_tokens == 48 and r.choices[0].finish_reason == "length"
+
+
+def test_stop_token_ids_end_generation(c, tok):
+    full = c(max_tokens=10, temperature=0)
+    ids = tok.encode(full.choices[0].text, add_special_tokens=False)
+    stop_id = ids[2]
+    r = c(max_tokens=10, temperature=0, stop_token_ids=[stop_id])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < full.usage.completion_tokens
+
+
+def test_skip_special_tokens(c, tok):
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    kw = dict(max_tokens=3, temperature=0, logit_bias={str(im_end): 100}, ignore_eos=True)
+    assert c(**kw).choices[0].text == ""  # default: special tokens skipped
+    assert c(skip_special_tokens=False, **kw).choices[0].text == "<|im_end|>" * 3
+    # Accepted and passed to vLLM's SamplingParams; with this (fast) tokenizer
+    # vLLM's detokenizer produces the same text either way.
+    assert c(skip_special_tokens=False, spaces_between_special_tokens=False, **kw).choices[0].text == "<|im_end|>" * 3
+
+
+def test_add_generation_prompt_changes_the_prompt(chat):
+    with_prompt = chat(max_tokens=1, temperature=0).usage.prompt_tokens
+    without = chat(max_tokens=1, temperature=0, add_generation_prompt=False).usage.prompt_tokens
+    assert with_prompt > without  # "<|im_start|>assistant\n" is no longer appended
+
+
+def test_beam_search_best_of_and_length_penalty(c, chat):
+    r = c(max_tokens=8, temperature=0, use_beam_search=True, n=2)
+    assert len(r.choices) == 2 and r.choices[0].text != r.choices[1].text
+    # best_of is the beam width; the best n come back.
+    r = c(max_tokens=8, temperature=0, use_beam_search=True, best_of=2)
+    assert len(r.choices) == 1
+    short = chat(max_tokens=20, temperature=0, use_beam_search=True, n=4, length_penalty=0.0)
+    long = chat(max_tokens=20, temperature=0, use_beam_search=True, n=4, length_penalty=5.0)
+    # A high length penalty favours longer finished beams.
+    assert sum(len(ch.message.content) for ch in long.choices) > sum(len(ch.message.content) for ch in short.choices)
+
+
+def test_best_of_without_beam_search(c):
+    assert len(c(max_tokens=2, n=2, best_of=2).choices) == 2  # best_of == n: fine
+
+
+def test_stream_options_include_usage_and_role_in_deltas(openai_client, runtime_server):
+    stream = openai_client.chat.completions.create(
+        model=runtime_server.model, messages=CHAT, max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 4
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+    # Without include_usage no usage chunk is sent.
+    stream = openai_client.chat.completions.create(
+        model=runtime_server.model, messages=CHAT, max_tokens=2, temperature=0, stream=True
+    )
+    assert all(ch.usage is None for ch in stream)
+
+
+def test_streamed_text_equals_non_streamed_text(openai_client, runtime_server, c):
+    full = c(max_tokens=8, temperature=0).choices[0].text
+    stream = openai_client.completions.create(
+        model=runtime_server.model, prompt=PROMPT, max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) == full

@@ -1,0 +1,107 @@
+"""The CRD file: names, columns, subresources, defaults and CEL rules (parsed, not applied)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelendpoint_operator import constants as c
+from modelendpoint_operator.spec import DEFAULTS, INGRESS_DEFAULTS, SERVICE_DEFAULTS
+
+CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "modelendpoints.yaml").read_text())
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+SPEC = SCHEMA["properties"]["spec"]["properties"]
+
+ISSUE_FIELDS = [
+    "model", "servedModelName", "responseRole", "rawOpenAIOutput", "replicas", "gpus",
+    "gpuResourceName", "engine", "image", "imagePullPolicy", "imagePullSecrets", "resources",
+    "env", "envFrom", "hfTokenSecretRef", "apiKeySecretRef", "modelCache", "shmSize",
+    "nodeSelector", "tolerations", "affinity", "priorityClassName", "runtimeClassName",
+    "service", "ingress",
+]
+
+
+def test_names_match_the_operator() -> None:
+    assert CRD["metadata"]["name"] == f"{c.PLURAL}.{c.GROUP}"
+    assert CRD["spec"]["group"] == c.GROUP and VERSION["name"] == c.VERSION
+    names = CRD["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (c.KIND, c.PLURAL, ["mep"])
+    assert CRD["spec"]["scope"] == "Namespaced"
+
+
+def test_printer_columns() -> None:
+    cols = [(col["name"], col["jsonPath"]) for col in VERSION["additionalPrinterColumns"]]
+    assert [n for n, _ in cols] == ["Model", "Served-As", "Ready", "Phase", "URL", "Age"]
+    assert dict(cols)["Age"] == ".metadata.creationTimestamp"
+
+
+def test_status_and_scale_subresources() -> None:
+    sub = VERSION["subresources"]
+    assert sub["status"] == {}
+    assert sub["scale"] == {"specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector"}
+
+
+@pytest.mark.parametrize("field", ISSUE_FIELDS)
+def test_every_issue_field_is_in_the_schema(field: str) -> None:
+    assert field in SPEC
+
+
+def test_engine_fields() -> None:
+    engine = SPEC["engine"]["properties"]
+    assert set(engine) == {"maxModelLen", "dtype", "gpuMemoryUtilization", "tensorParallelSize",
+                           "quantization", "enforceEager", "trustRemoteCode", "maxNumSeqs",
+                           "extraArgs"}
+    assert engine["dtype"]["enum"] == ["auto", "half", "float16", "bfloat16", "float", "float32"]
+    assert engine["gpuMemoryUtilization"]["exclusiveMinimum"] is True
+    assert engine["gpuMemoryUtilization"]["maximum"] == 1
+
+
+def test_schema_defaults_equal_the_operator_defaults() -> None:
+    for key, value in DEFAULTS.items():
+        assert SPEC[key]["default"] == value, key
+    for key, value in SERVICE_DEFAULTS.items():
+        assert SPEC["service"]["properties"][key]["default"] == value
+    for key, value in INGRESS_DEFAULTS.items():
+        assert SPEC["ingress"]["properties"][key]["default"] == value
+    assert SCHEMA["properties"]["spec"]["required"] == ["model"]
+
+
+def _rules(node, path="") -> list[tuple[str, dict]]:
+    found = []
+    if isinstance(node, dict):
+        for rule in node.get("x-kubernetes-validations", []):
+            found.append((path, rule))
+        for key, child in node.items():
+            found.extend(_rules(child, f"{path}/{key}"))
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            found.extend(_rules(child, f"{path}[{i}]"))
+    return found
+
+
+def test_every_cel_rule_has_a_message_and_names_its_field() -> None:
+    rules = _rules(SCHEMA)
+    assert len(rules) >= 6
+    for path, rule in rules:
+        assert rule.get("message"), path
+        assert rule.get("reason"), path
+        if path:  # the root rule (metadata.name) names its field in the message
+            assert rule.get("fieldPath", "").startswith("."), path
+
+
+def test_status_phases() -> None:
+    status = SCHEMA["properties"]["status"]["properties"]
+    assert status["phase"]["enum"] == ["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+    for field in ("replicas", "readyReplicas", "servedModelName", "url", "externalURL",
+                  "observedGeneration", "conditions", "selector", "ready"):
+        assert field in status
+
+
+def test_crd_has_no_yaml_anchors() -> None:
+    text = (Path(__file__).resolve().parents[2] / "crds" / "modelendpoints.yaml").read_text()
+    assert "&" not in text.replace("&&", "") and ": *" not in text

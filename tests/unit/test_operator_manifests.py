@@ -1,0 +1,271 @@
+"""Child manifests and the runtime environment, from a ModelEndpoint (pure functions)."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+
+import pytest
+
+from modelendpoint_operator import constants as c
+from modelendpoint_operator import manifests as m
+from modelendpoint_operator.settings import load_settings
+
+SETTINGS = load_settings({"MEP_OPERATOR_DEFAULT_RUNTIME_IMAGE": "reg.example/runtime:9"})
+
+
+def owner(name: str = "llm", namespace: str = "ns", **spec) -> dict:
+    return {"apiVersion": c.API_VERSION, "kind": c.KIND,
+            "metadata": {"name": name, "namespace": namespace, "uid": "uid-1", "generation": 3},
+            "spec": {"model": "org/model", **spec}}
+
+
+def env_of(obj: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in m.container_env(obj)}
+
+
+def values(obj: dict) -> dict[str, str | None]:
+    return {k: v.get("value") for k, v in env_of(obj).items()}
+
+
+@pytest.mark.parametrize("spec,var,expected", [
+    ({"model": "a/b"}, "MODEL_NAME", "a/b"),
+    ({"servedModelName": "chat"}, "OPENAI_SERVED_MODEL_NAME_OVERRIDE", "chat"),
+    ({}, "OPENAI_RESPONSE_ROLE", "assistant"),
+    ({"responseRole": "bot"}, "OPENAI_RESPONSE_ROLE", "bot"),
+    ({}, "RAW_OPENAI_OUTPUT", "1"),
+    ({"rawOpenAIOutput": False}, "RAW_OPENAI_OUTPUT", "0"),
+    ({"engine": {"maxModelLen": 8192}}, "MAX_MODEL_LEN", "8192"),
+    ({"engine": {"dtype": "half"}}, "DTYPE", "half"),
+    ({"engine": {"gpuMemoryUtilization": 0.9}}, "GPU_MEMORY_UTILIZATION", "0.9"),
+    ({"engine": {"gpuMemoryUtilization": 1}}, "GPU_MEMORY_UTILIZATION", "1.0"),
+    ({"gpus": 4}, "TENSOR_PARALLEL_SIZE", "4"),
+    ({"gpus": 4, "engine": {"tensorParallelSize": 2}}, "TENSOR_PARALLEL_SIZE", "2"),
+    ({"engine": {"quantization": "fp8"}}, "QUANTIZATION", "fp8"),
+    ({"engine": {"enforceEager": True}}, "ENFORCE_EAGER", "1"),
+    ({"engine": {"enforceEager": False}}, "ENFORCE_EAGER", "0"),
+    ({"engine": {"trustRemoteCode": True}}, "TRUST_REMOTE_CODE", "1"),
+    ({"engine": {"maxNumSeqs": 32}}, "MAX_NUM_SEQS", "32"),
+    ({"engine": {"extraArgs": ["--seed", "1", "--x", "a b"]}}, "VLLM_EXTRA_ARGS",
+     "--seed 1 --x 'a b'"),
+    ({}, "ENDPOINT_ID", "llm"),
+    ({}, "PORT", "8000"),
+    ({}, "HF_HOME", c.HF_HOME),
+    ({"drainTimeoutSeconds": 90}, "DRAIN_TIMEOUT_SECONDS", "90"),
+])
+def test_spec_field_to_runtime_variable(spec: dict, var: str, expected: str) -> None:
+    assert values(owner(**spec))[var] == expected
+
+
+@pytest.mark.parametrize("var", ["OPENAI_SERVED_MODEL_NAME_OVERRIDE", "MAX_MODEL_LEN", "DTYPE",
+                                 "GPU_MEMORY_UTILIZATION", "QUANTIZATION", "ENFORCE_EAGER",
+                                 "TRUST_REMOTE_CODE", "MAX_NUM_SEQS", "VLLM_EXTRA_ARGS",
+                                 "HF_TOKEN", "API_KEY"])
+def test_unset_fields_set_no_variable(var: str) -> None:
+    assert var not in values(owner())
+
+
+def test_extra_args_round_trip_through_shell_quoting() -> None:
+    args = ["--chat-template", "{% if x %}'y'{% endif %}", "--seed", "0"]
+    value = values(owner(engine={"extraArgs": args}))["VLLM_EXTRA_ARGS"]
+    assert shlex.split(value) == args
+
+
+def test_no_gpus_means_no_limit_and_no_tensor_parallelism() -> None:
+    obj = owner(gpus=0)
+    container = m.deployment(obj, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert "resources" not in container
+    assert "TENSOR_PARALLEL_SIZE" not in values(obj)
+
+
+def test_gpu_limit_on_the_configured_resource_name() -> None:
+    obj = owner(gpus=2, gpuResourceName="amd.com/gpu",
+                resources={"requests": {"cpu": "4"}, "limits": {"memory": "32Gi"}})
+    res = m.deployment(obj, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res == {"requests": {"cpu": "4"}, "limits": {"memory": "32Gi", "amd.com/gpu": 2}}
+
+
+def test_secrets_only_by_reference() -> None:
+    env = env_of(owner(hfTokenSecretRef={"name": "hf", "key": "token"},
+                       apiKeySecretRef={"name": "keys", "key": "api"}))
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN",
+                               "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert env["API_KEY"] == {"name": "API_KEY",
+                              "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api"}}}
+    assert "value" not in env["HF_TOKEN"] and "value" not in env["API_KEY"]
+
+
+def test_user_env_replaces_same_named_variables_and_follows_in_order() -> None:
+    obj = owner(engine={"dtype": "auto"},
+                env=[{"name": "ZED", "value": "z"}, {"name": "DTYPE", "value": "half"},
+                     {"name": "ALPHA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}])
+    names = [e["name"] for e in m.container_env(obj)]
+    assert len(names) == len(set(names))  # server-side apply rejects duplicate keys
+    assert names[-2:] == ["ZED", "ALPHA"]
+    assert values(obj)["DTYPE"] == "half"
+    obj = owner(env=[{"name": "MODEL_NAME", "value": "/models/local"}])
+    assert values(obj)["MODEL_NAME"] == "/models/local"
+    assert [e["name"] for e in m.container_env(obj)].index("MODEL_NAME") == 0
+
+
+def test_pod_template_contract() -> None:
+    obj = owner(shmSize="16Gi", drainTimeoutSeconds=40, replicas=3)
+    dep = m.deployment(obj, SETTINGS)
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "reg.example/runtime:9"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": c.PRESTOP_SLEEP_SECONDS}}
+    assert pod["terminationGracePeriodSeconds"] == c.PRESTOP_SLEEP_SECONDS + 40 + c.GRACE_MARGIN_SECONDS
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[c.SHM_VOLUME]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert volumes[c.CACHE_VOLUME] == {"name": c.CACHE_VOLUME, "emptyDir": {}}
+    mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
+    assert mounts == {"/dev/shm": c.SHM_VOLUME, c.HF_HOME: c.CACHE_VOLUME}
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    # The rollout deadline outlasts the startup probe: a slow model load is not "stuck".
+    assert dep["spec"]["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
+
+
+def test_scheduling_fields_are_copied() -> None:
+    sched = dict(nodeSelector={"pool": "a100"},
+                 tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                 affinity={"podAntiAffinity": {}}, priorityClassName="high",
+                 runtimeClassName="nvidia", imagePullSecrets=[{"name": "reg"}],
+                 envFrom=[{"secretRef": {"name": "extra"}}], image="my/rt:1", imagePullPolicy="Always")
+    dep = m.deployment(owner(**sched), SETTINGS)
+    pod = dep["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "runtimeClassName",
+                "imagePullSecrets"):
+        assert pod[key] == sched[key]
+    assert pod["containers"][0]["envFrom"] == sched["envFrom"]
+    assert pod["containers"][0]["image"] == "my/rt:1"
+    assert pod["containers"][0]["imagePullPolicy"] == "Always"
+
+
+def test_model_cache_variants() -> None:
+    claim = m.deployment(owner(modelCache={"claimName": "shared"}), SETTINGS)
+    vols = {v["name"]: v for v in claim["spec"]["template"]["spec"]["volumes"]}
+    assert vols[c.CACHE_VOLUME]["persistentVolumeClaim"] == {"claimName": "shared"}
+    assert m.pvc(owner(modelCache={"claimName": "shared"}), SETTINGS) is None
+
+    obj = owner(modelCache={"size": "200Gi", "storageClassName": "fast", "accessMode": "ReadWriteMany"})
+    vols = {v["name"]: v for v in m.deployment(obj, SETTINGS)["spec"]["template"]["spec"]["volumes"]}
+    assert vols[c.CACHE_VOLUME]["persistentVolumeClaim"] == {"claimName": "llm-cache"}
+    pvc = m.pvc(obj, SETTINGS)
+    assert pvc["metadata"]["name"] == "llm-cache"
+    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "storageClassName": "fast",
+                           "resources": {"requests": {"storage": "200Gi"}}}
+
+
+def test_labels_selector_and_owner_reference_on_every_child() -> None:
+    obj = owner(modelCache={"size": "1Gi"}, ingress={"enabled": True})
+    kids = m.children(obj, SETTINGS)
+    assert set(kids) == {"Deployment", "Service", "Ingress", "PersistentVolumeClaim"}
+    for kind, child in kids.items():
+        meta = child["metadata"]
+        assert meta["namespace"] == "ns"
+        assert meta["labels"][c.LABEL_MANAGED_BY] == "modelendpoint-operator"
+        assert meta["labels"][c.LABEL_ENDPOINT] == "llm"
+        assert meta["ownerReferences"] == [{
+            "apiVersion": c.API_VERSION, "kind": c.KIND, "name": "llm", "uid": "uid-1",
+            "controller": True, "blockOwnerDeletion": True}]
+        assert meta["name"] == m.child_name("llm", kind)
+    dep = kids["Deployment"]
+    assert dep["spec"]["selector"]["matchLabels"] == {c.LABEL_ENDPOINT: "llm"}
+    assert kids["Service"]["spec"]["selector"] == {c.LABEL_ENDPOINT: "llm"}
+    template_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert template_labels.items() >= dep["spec"]["selector"]["matchLabels"].items()
+    assert m.selector_string("llm") == "serving.modelendpoint.dev/endpoint=llm"
+
+
+def test_optional_children_absent_by_default() -> None:
+    kids = m.children(owner(), SETTINGS)
+    assert kids["Ingress"] is None and kids["PersistentVolumeClaim"] is None
+
+
+def test_service() -> None:
+    svc = m.service(owner(service={"type": "LoadBalancer", "port": 8080}), SETTINGS)
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http",
+                                     "protocol": "TCP"}]
+
+
+def test_ingress_defaults_and_options() -> None:
+    ing = m.ingress(owner(ingress={"enabled": True}), SETTINGS)
+    assert "ingressClassName" not in ing["spec"] and "tls" not in ing["spec"]
+    rule = ing["spec"]["rules"][0]
+    assert "host" not in rule
+    assert rule["http"]["paths"] == [{"path": "/v2/llm/openai/v1", "pathType": "Prefix",
+                                      "backend": {"service": {"name": "llm",
+                                                              "port": {"name": "http"}}}}]
+    settings = load_settings({"MEP_OPERATOR_DEFAULT_INGRESS_CLASS": "traefik"})
+    assert m.ingress(owner(ingress={"enabled": True}), settings)["spec"]["ingressClassName"] == "traefik"
+    ing = m.ingress(owner(ingress={"enabled": True, "className": "nginx", "host": "a.example.com",
+                                   "path": "/custom", "tlsSecretName": "tls",
+                                   "annotations": {"x": "y"}}), settings)
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    assert ing["spec"]["rules"][0]["host"] == "a.example.com"
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/custom"
+    assert ing["spec"]["tls"] == [{"hosts": ["a.example.com"], "secretName": "tls"}]
+    assert ing["metadata"]["annotations"] == {"x": "y"}
+    assert m.ingress(owner(ingress={"enabled": False, "host": "a"}), SETTINGS) is None
+
+
+@pytest.mark.parametrize("spec,url,external", [
+    ({}, "http://llm.ns.svc.cluster.local/v2/llm/openai/v1", None),
+    ({"service": {"port": 8080}}, "http://llm.ns.svc.cluster.local:8080/v2/llm/openai/v1", None),
+    ({"ingress": {"enabled": True}}, "http://llm.ns.svc.cluster.local/v2/llm/openai/v1", None),
+    ({"ingress": {"enabled": True, "host": "a.io"}}, None, "http://a.io/v2/llm/openai/v1"),
+    ({"ingress": {"enabled": True, "host": "a.io", "tlsSecretName": "t"}}, None,
+     "https://a.io/v2/llm/openai/v1"),
+    ({"ingress": {"enabled": True, "host": "a.io", "path": "/"}}, None,
+     "https://a.io/v2/llm/openai/v1".replace("https", "http")),
+    ({"ingress": {"enabled": True, "host": "a.io", "path": "/openai"}}, None,
+     "http://a.io/openai/v1"),
+    ({"ingress": {"enabled": True, "host": "a.io", "path": "/team/openai/v1/"}}, None,
+     "http://a.io/team/openai/v1"),
+    ({"ingress": {"enabled": False, "host": "a.io"}}, None, None),
+])
+def test_urls(spec: dict, url: str | None, external: str | None) -> None:
+    got_url, got_external = m.urls(owner(**spec), SETTINGS)
+    if url:
+        assert got_url == url
+    assert got_url.endswith("/openai/v1")
+    assert got_external == external
+
+
+def test_cluster_domain_setting() -> None:
+    settings = load_settings({"MEP_OPERATOR_CLUSTER_DOMAIN": "corp.local"})
+    assert m.urls(owner(), settings)[0] == "http://llm.ns.svc.corp.local/v2/llm/openai/v1"
+
+
+def test_rendering_is_deterministic_and_pure() -> None:
+    obj = owner(gpus=2, engine={"extraArgs": ["--a"]}, ingress={"enabled": True},
+                env=[{"name": "X", "value": "1"}])
+    frozen = copy.deepcopy(obj)
+    assert m.children(obj, SETTINGS) == m.children(copy.deepcopy(obj), SETTINGS)
+    assert obj == frozen  # the input is not modified
+
+
+def test_differs() -> None:
+    desired = m.service(owner(), SETTINGS)
+    live = copy.deepcopy(desired)
+    live["metadata"]["resourceVersion"] = "9"
+    live["spec"]["clusterIP"] = "10.0.0.1"
+    live["status"] = {"loadBalancer": {}}
+    assert not m.differs(desired, live)
+    live["spec"]["ports"][0]["port"] = 81
+    assert m.differs(desired, live)
+    assert not m.differs({"a": {"cpu": 1}}, {"a": {"cpu": "1"}})
+    assert m.differs({"a": [1, 2]}, {"a": [1]})
+    assert m.differs({"a": {"b": 1}}, {})

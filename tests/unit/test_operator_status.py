@@ -1,0 +1,171 @@
+"""Status from the Deployment and its pods (pure): phases, conditions, messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelendpoint_operator import status as st
+from modelendpoint_operator.settings import load_settings
+
+SETTINGS = load_settings({})
+
+
+def owner(replicas: int = 2, gpus: int = 1, status: dict | None = None, **spec) -> dict:
+    return {"apiVersion": "serving.modelendpoint.dev/v1alpha1", "kind": "ModelEndpoint",
+            "metadata": {"name": "llm", "namespace": "ns", "uid": "u", "generation": 2},
+            "spec": {"model": "org/m", "replicas": replicas, "gpus": gpus, **spec},
+            "status": status or {}}
+
+
+def deployment(*, replicas=2, updated=2, available=2, ready=None, generation=5, observed=5,
+               progressing="NewReplicaSetAvailable", progressing_status="True",
+               replica_failure: str | None = None) -> dict:
+    conditions = [{"type": "Progressing", "status": progressing_status, "reason": progressing,
+                   "message": f"{progressing} message"}]
+    if replica_failure:
+        conditions.append({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                           "message": replica_failure})
+    return {"metadata": {"name": "llm", "generation": generation},
+            "status": {"replicas": replicas, "updatedReplicas": updated,
+                       "availableReplicas": available,
+                       "readyReplicas": available if ready is None else ready,
+                       "observedGeneration": observed, "conditions": conditions}}
+
+
+def unschedulable_pod(message: str) -> dict:
+    return {"metadata": {"name": "llm-abc"},
+            "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": message}]}}
+
+
+def waiting_pod(reason: str) -> dict:
+    return {"metadata": {"name": "llm-def"},
+            "status": {"phase": "Pending", "containerStatuses": [
+                {"name": "runtime", "state": {"waiting": {"reason": reason, "message": "boom"}}}]}}
+
+
+GPU_MSG = ("0/2 nodes are available: 2 Insufficient nvidia.com/gpu. preemption: 0/2 nodes are "
+           "available: 2 No preemption victims found for incoming pod.")
+
+
+@pytest.mark.parametrize("case,kwargs,phase,reason", [
+    ("no-deployment", dict(deployment=None), "Pending", "Creating"),
+    ("ready", dict(deployment=deployment()), "Ready", "AllReplicasAvailable"),
+    ("controller-not-caught-up", dict(deployment=deployment(observed=4)), "Progressing",
+     "RollingOut"),
+    ("rolling-out", dict(deployment=deployment(updated=1, replicas=3,
+                                               progressing="ReplicaSetUpdated")),
+     "Progressing", "RollingOut"),
+    ("first-pods-starting", dict(deployment=deployment(available=0,
+                                                       progressing="NewReplicaSetCreated")),
+     "Progressing", "RollingOut"),
+    ("unschedulable-gpus", dict(deployment=deployment(available=0, progressing="ReplicaSetUpdated"),
+                                pods=[unschedulable_pod(GPU_MSG)]), "Degraded", "Unschedulable"),
+    ("image-pull", dict(deployment=deployment(available=1, progressing="ReplicaSetUpdated"),
+                        pods=[waiting_pod("ImagePullBackOff")]), "Degraded", "ImagePullBackOff"),
+    ("crash-loop", dict(deployment=deployment(available=1), pods=[waiting_pod("CrashLoopBackOff")]),
+     "Degraded", "CrashLoopBackOff"),
+    ("deadline", dict(deployment=deployment(available=0, progressing="ProgressDeadlineExceeded",
+                                            progressing_status="False")),
+     "Degraded", "ProgressDeadlineExceeded"),
+    ("quota", dict(deployment=deployment(replicas=0, updated=0, available=0,
+                                         progressing="ReplicaSetUpdated",
+                                         replica_failure="exceeded quota")),
+     "Degraded", "FailedCreate"),
+    ("lost-replica", dict(deployment=deployment(available=1)), "Degraded", "ReplicasUnavailable"),
+    ("failure-wins", dict(deployment=deployment(), failure=st.Failure("SecretNotFound", "no hf")),
+     "Failed", "SecretNotFound"),
+])
+def test_assess(case: str, kwargs: dict, phase: str, reason: str) -> None:
+    a = st.assess(owner(), kwargs.get("deployment"), kwargs.get("pods", []), kwargs.get("failure"))
+    assert (a.phase, a.reason) == (phase, reason), a
+
+
+def test_scaled_to_zero_is_pending() -> None:
+    dep = deployment(replicas=0, updated=0, available=0)
+    assert st.assess(owner(replicas=0), dep, []).phase == "Pending"
+    dep = deployment(replicas=1, updated=1, available=1)
+    assert st.assess(owner(replicas=0), dep, []).phase == "Progressing"
+
+
+def test_not_enough_gpus_message_names_gpus_and_the_scheduler_reason() -> None:
+    a = st.assess(owner(gpus=16), deployment(available=0, progressing="ReplicaSetUpdated"),
+                  [unschedulable_pod(GPU_MSG)])
+    assert "not enough GPUs" in a.message and "16 free nvidia.com/gpu" in a.message
+    assert GPU_MSG in a.message
+
+
+def test_other_scheduler_reasons_pass_through() -> None:
+    msg = "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    a = st.assess(owner(), deployment(available=0, progressing="ReplicaSetUpdated"),
+                  [unschedulable_pod(msg)])
+    assert a.phase == "Degraded" and msg in a.message and "GPU" not in a.message
+
+
+def test_terminating_pods_are_ignored() -> None:
+    pod = unschedulable_pod(GPU_MSG)
+    pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    a = st.assess(owner(), deployment(updated=2, available=1, progressing="ReplicaSetUpdated"), [pod])
+    assert a.phase == "Progressing"
+
+
+def test_degraded_while_still_serving_keeps_ready_true() -> None:
+    # A rollout blocked by the scheduler while the old replicas still serve.
+    s = st.compute_status(owner(), deployment(available=2, updated=1, replicas=3,
+                                              progressing="ReplicaSetUpdated"),
+                          [unschedulable_pod(GPU_MSG)], SETTINGS, now="T1")
+    conds = {c["type"]: c for c in s["conditions"]}
+    assert s["phase"] == "Degraded"
+    assert conds["Ready"]["status"] == "True" and conds["Degraded"]["status"] == "True"
+
+
+def test_compute_status_fields() -> None:
+    s = st.compute_status(owner(servedModelName="chat", ingress={"enabled": True, "host": "a.io"}),
+                          deployment(available=2, ready=2), [], SETTINGS, now="T1")
+    assert s["phase"] == "Ready" and s["ready"] == "2/2"
+    assert s["replicas"] == 2 and s["readyReplicas"] == 2
+    assert s["servedModelName"] == "chat"
+    assert s["url"] == "http://llm.ns.svc.cluster.local/v2/llm/openai/v1"
+    assert s["externalURL"] == "http://a.io/v2/llm/openai/v1"
+    assert s["selector"] == "serving.modelendpoint.dev/endpoint=llm"
+    assert s["observedGeneration"] == 2
+    conds = {c["type"]: c for c in s["conditions"]}
+    assert set(conds) == {"Ready", "Progressing", "Degraded"}
+    assert conds["Ready"] == {"type": "Ready", "status": "True", "reason": "AllReplicasAvailable",
+                              "message": "2/2 replicas available", "lastTransitionTime": "T1",
+                              "observedGeneration": 2}
+    assert conds["Degraded"]["status"] == "False" and conds["Progressing"]["status"] == "False"
+
+
+def test_served_model_name_defaults_to_the_model() -> None:
+    assert st.compute_status(owner(), None, [], SETTINGS)["servedModelName"] == "org/m"
+
+
+def test_last_transition_time_moves_only_when_a_condition_flips() -> None:
+    first = st.compute_status(owner(), deployment(), [], SETTINGS, now="T1")
+    again = st.compute_status(owner(status=first), deployment(), [], SETTINGS, now="T2")
+    assert again == first and not st.status_changed(first, again)
+    degraded = st.compute_status(owner(status=first), deployment(available=1), [], SETTINGS, now="T3")
+    conds = {c["type"]: c for c in degraded["conditions"]}
+    assert conds["Ready"]["lastTransitionTime"] == "T3"
+    assert conds["Degraded"]["lastTransitionTime"] == "T3"
+    assert conds["Progressing"]["lastTransitionTime"] == "T1"  # unchanged: False before and after
+
+
+def test_failed_status() -> None:
+    s = st.compute_status(owner(), None, [], SETTINGS,
+                          failure=st.Failure("SecretNotFound", "spec.hfTokenSecretRef: missing"))
+    assert s["phase"] == "Failed" and s["message"] == "spec.hfTokenSecretRef: missing"
+    conds = {c["type"]: c for c in s["conditions"]}
+    assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "SecretNotFound"
+    assert conds["Degraded"]["status"] == "True"
+
+
+def test_status_patch_drops_fields_that_went_away() -> None:
+    old = st.compute_status(owner(ingress={"enabled": True, "host": "a.io"}), deployment(), [],
+                            SETTINGS)
+    new = st.compute_status(owner(), deployment(), [], SETTINGS)
+    assert st.status_changed(old, new)
+    patch = st.status_patch(old, new)
+    assert patch["externalURL"] is None and patch["phase"] == "Ready"

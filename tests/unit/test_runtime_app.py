@@ -1,0 +1,200 @@
+"""The app's own behaviour around vLLM's serving layer, with a stand-in at our seam.
+
+``Runtime.engine.state`` is where the routes find vLLM's serving objects; here
+a small stand-in plays them, to provoke what the real engine cannot be made
+to do on demand: an internal exception (500 without internals), an error
+after the stream started (last frame before ``[DONE]``), a load that has not
+finished (503), and the NDJSON default of RAW_OPENAI_OUTPUT=0. Everything
+else of the app is the real code. No engine, no network: httpx's ASGI transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from modelendpoint_runtime.app import Runtime, create_app
+from modelendpoint_runtime.metrics import Metrics
+from modelendpoint_runtime.settings import load_settings
+
+SECRET = "Traceback at /usr/lib/python3.11/secret_module.py token=abc123"
+CHUNK = 'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+
+
+class FakeServing:
+    """Plays vLLM's OpenAIServingChat / OpenAIServingCompletion for one behaviour."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    async def _run(self, req, raw):
+        if self.mode == "raise":
+            raise RuntimeError(SECRET)
+        if self.mode == "stream_raises":
+
+            async def gen():
+                yield CHUNK
+                raise RuntimeError(SECRET)
+
+            return gen()
+        if self.mode == "stream_vllm_error":
+
+            async def gen():
+                yield CHUNK
+                yield 'data: {"error": {"message": "' + SECRET + '", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
+                yield "data: [DONE]\n\n"
+
+            return gen()
+        if self.mode == "stream":
+
+            async def gen():
+                yield CHUNK
+                yield CHUNK
+                yield "data: [DONE]\n\n"
+
+            return gen()
+        raise AssertionError(self.mode)
+
+    create_chat_completion = _run
+    create_completion = _run
+
+
+class FakeModels:
+    async def show_available_models(self):
+        card = SimpleNamespace(model_dump=lambda: {"id": "m", "object": "model", "created": 1, "owned_by": "vllm", "root": "/models/m"})
+        return SimpleNamespace(data=[card])
+
+
+def make(mode="raise", loaded=True, **env):
+    settings = load_settings({"MODEL_NAME": "m", "API_KEY": "key", "ENDPOINT_ID": "ep", **env})
+    runtime = Runtime(settings, Metrics(CollectorRegistry()))
+
+    async def never():  # the lifespan is not run by the ASGI transport
+        raise AssertionError("not started in unit tests")
+
+    app = create_app(runtime, never)
+    if loaded:
+        state = SimpleNamespace(openai_serving_chat=FakeServing(mode), openai_serving_completion=FakeServing(mode),
+                                openai_serving_models=FakeModels())  # fmt: skip
+        runtime.engine = SimpleNamespace(state=state, dead=False, shutdown=lambda: None)
+    return runtime, app
+
+
+async def call(app, method, path, key="key", **kw):
+    headers = kw.pop("headers", {})
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.request(method, path, headers=headers, **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def error_of(r):
+    body = r.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_internal_exception_is_500_without_internals():
+    _, app = make("raise")
+    r = run(call(app, "POST", "/v1/chat/completions", json=CHAT))
+    assert r.status_code == 500
+    err = error_of(r)
+    assert err["code"] == "internal_error" and "secret" not in r.text and "usr/lib" not in r.text
+
+
+@pytest.mark.parametrize("mode", ["stream_raises", "stream_vllm_error"])
+def test_error_after_stream_started_is_last_frame_before_done(mode):
+    _, app = make(mode)
+    r = run(call(app, "POST", "/openai/v1/chat/completions", json=CHAT | {"stream": True}))
+    assert r.status_code == 200
+    frames = [f for f in r.text.split("\n\n") if f]
+    assert frames[0] == CHUNK.strip()
+    assert frames[-1] == "data: [DONE]"
+    err = json.loads(frames[-2].removeprefix("data: "))["error"]
+    assert err["code"] == "internal_error" and "secret" not in r.text
+
+
+def test_raw_openai_output_0_streams_ndjson_by_default():
+    _, app = make("stream", RAW_OPENAI_OUTPUT="0")
+    r = run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"stream": True}))
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    lines = r.text.splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["choices"][0]["delta"]["content"] == "Hi" for line in lines)
+    # ...and SSE when the client asks for it.
+    r = run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"stream": True}, headers={"Accept": "text/event-stream"}))
+    assert r.text.endswith("data: [DONE]\n\n")
+
+
+def test_not_loaded_is_503_and_not_ready_but_alive():
+    _, app = make(loaded=False)
+    r = run(call(app, "POST", "/v1/completions", json={"model": "m", "prompt": "x"}))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1" and error_of(r)["code"] == "model_loading"
+    assert run(call(app, "GET", "/ready", key=None)).status_code == 503
+    assert run(call(app, "GET", "/health", key=None)).status_code == 200
+
+
+def test_dead_engine_fails_health():
+    runtime, app = make("stream")
+    runtime.engine.dead = True
+    assert run(call(app, "GET", "/health", key=None)).status_code == 503
+    assert run(call(app, "GET", "/ready", key=None)).status_code == 503
+    assert run(call(app, "POST", "/v1/completions", json={"model": "m", "prompt": "x"})).status_code == 503
+
+
+def test_draining_refuses_new_requests_and_unreadies():
+    runtime, app = make("stream")
+    assert run(call(app, "GET", "/ready", key=None)).status_code == 200
+    runtime.begin_drain()
+    assert run(call(app, "GET", "/ready", key=None)).json() == {"status": "draining"}
+    r = run(call(app, "POST", "/v1/completions", json={"model": "m", "prompt": "x"}))
+    assert r.status_code == 503 and error_of(r)["code"] == "shutting_down"
+
+
+def test_admission_slot_is_released_after_a_stream():
+    runtime, app = make("stream", MAX_CONCURRENT_REQUESTS="1")
+    for _ in range(3):  # would be refused from the second on if the slot leaked
+        assert run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"stream": True})).status_code == 200
+    assert runtime.admission.in_flight == 0
+
+
+def test_full_admission_is_503_overloaded():
+    runtime, app = make("stream", MAX_CONCURRENT_REQUESTS="1", RETRY_AFTER_SECONDS="4")
+    assert runtime.admission.try_acquire()
+    r = run(call(app, "POST", "/v1/chat/completions", json=CHAT))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "4" and error_of(r)["code"] == "overloaded"
+
+
+def test_models_card_hides_the_weights_path_and_other_endpoint_is_404():
+    _, app = make()
+    r = run(call(app, "GET", "/v2/ep/openai/v1/models"))
+    assert r.json() == {"object": "list", "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "modelendpoint"}]}
+    assert run(call(app, "GET", "/v2/other/openai/v1/models")).status_code == 404
+
+
+def test_auth_and_body_limit_before_routing():
+    _, app = make(MAX_REQUEST_BODY_BYTES="100")
+    assert run(call(app, "GET", "/v1/models", key=None)).status_code == 401
+    assert run(call(app, "GET", "/v1/models", key="wrong")).status_code == 401
+    r = run(call(app, "POST", "/v1/completions", content=b"x" * 101, headers={"content-type": "application/json"}))
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+
+
+def test_no_auth_when_no_key_configured():
+    settings = load_settings({"MODEL_NAME": "m"})
+    runtime = Runtime(settings, Metrics(CollectorRegistry()))
+    app = create_app(runtime, lambda: None)
+    runtime.engine = SimpleNamespace(state=SimpleNamespace(openai_serving_models=FakeModels()), dead=False)
+    assert run(call(app, "GET", "/openai/v1/models", key=None)).status_code == 200
