@@ -1,9 +1,9 @@
 """A local ingress: routes a loopback port by the cluster's Ingress objects.
 
-For `make dev` and the end-to-end tests. It reads Ingresses (any class) and the
-EndpointSlices of their backend Services from the API server, and proxies each
-request whose path matches a rule (longest prefix first) to a ready endpoint of
-that Service, round-robin, streaming both ways. So a request takes the path a
+For `make dev` and the end-to-end tests. It reads Ingresses (any class) and their
+backend Services from the API server, and proxies each request whose path
+matches a rule (longest prefix first) to a ready pod of that Service,
+round-robin, streaming both ways. So a request takes the path a
 real cluster gives it, Ingress → Service → ready pod, with this process in the
 place of an ingress controller and kube-proxy. Host rules are matched when the
 request carries that Host header; rules without a host match any.
@@ -60,11 +60,17 @@ def matches(route: Route, host: str, path: str) -> bool:
     return path == prefix or path.startswith(prefix + "/") or prefix == ""
 
 
+def target_port(target: int | str, container_ports: list) -> int | None:
+    """A Service targetPort (number, or a container port's name) → the port number."""
+    if isinstance(target, int) or str(target).isdigit():
+        return int(target)
+    return next((p.container_port for p in container_ports if p.name == target), None)
+
+
 class LocalIngress:
     def __init__(self) -> None:
         self.api = client.ApiClient()
         self.networking = client.NetworkingV1Api(self.api)
-        self.discovery = client.DiscoveryV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self._rr = itertools.count()
         self.session: aiohttp.ClientSession | None = None
@@ -74,18 +80,28 @@ class LocalIngress:
         return routes_from_ingresses([self.api.sanitize_for_serialization(i) for i in ings.items])
 
     def _endpoints(self, route: Route) -> list[str]:
+        """The Service's ready pods as ``ip:port``, as the endpoint-slice controller lists them.
+
+        The local node's pod IPs are loopback addresses, which the API server
+        refuses in EndpointSlices, so the selection is done here instead: the
+        Service's selector, ready pods only, its targetPort resolved by name.
+        """
         svc = self.core.read_namespaced_service(route.service, route.namespace)
         sport = next(p for p in svc.spec.ports
                      if p.port == route.port or (p.name and p.name == route.port))
-        slices = self.discovery.list_namespaced_endpoint_slice(
-            route.namespace, label_selector=f"kubernetes.io/service-name={route.service}")
+        selector = ",".join(f"{k}={v}" for k, v in (svc.spec.selector or {}).items())
+        if not selector:
+            return []
+        pods = self.core.list_namespaced_pod(route.namespace, label_selector=selector)
         out = []
-        for s in slices.items:
-            port = next((p.port for p in s.ports or []
-                         if (p.name or "") == (sport.name or "")), None)
-            for e in s.endpoints or []:
-                if port and e.conditions and e.conditions.ready:
-                    out.extend(f"{a}:{port}" for a in e.addresses)
+        for pod in pods.items:
+            ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+            if not ready or not pod.status.pod_ip or pod.metadata.deletion_timestamp:
+                continue
+            port = target_port(sport.target_port or sport.port,
+                               [p for c in pod.spec.containers for p in c.ports or []])
+            if port:
+                out.append(f"{pod.status.pod_ip}:{port}")
         return sorted(out)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
