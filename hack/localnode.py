@@ -53,6 +53,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def host_capacity() -> dict[str, str]:
+    """This machine's CPUs and memory, so the scheduler packs pods onto the
+    local runner as it would onto a real node of that size."""
+    mem_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    return {"cpu": str(os.cpu_count() or 1), "memory": f"{mem_kib}Ki", "pods": "20"}
+
+
 def image_repository(image: str) -> str:
     """``repo/name:tag`` or ``repo/name@sha256:...`` → ``repo/name``."""
     image = image.split("@", 1)[0]
@@ -135,8 +142,8 @@ class LocalNode:
         now = _now()
         status = {
             "status": {
-                "capacity": {"cpu": "2", "memory": "24Gi", "pods": "20"},
-                "allocatable": {"cpu": "2", "memory": "24Gi", "pods": "20"},
+                "capacity": host_capacity(),
+                "allocatable": host_capacity(),
                 "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
                 "conditions": [{"type": "Ready", "status": "True", "reason": "LocalRunnerReady",
                                 "message": "the local runner is up", "lastHeartbeatTime": now,
