@@ -86,7 +86,8 @@ def start_local_stack(cp: ControlPlane, work_dir: Path, hf_home: Path,
     for name, argv in (("localnode", node_argv), ("localingress", ingress_argv)):
         log = open(work_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=str(REPO))
+                                start_new_session=True, cwd=str(REPO),
+                                preexec_fn=localcluster.die_with_starter)
         log.close()
         stack.pids[name] = proc.pid
     return stack

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import datetime
 import ipaddress
 import json
@@ -203,6 +204,7 @@ class ControlPlane:
     server: str
     kubeconfig: Path
     pids: dict[str, int] = field(default_factory=dict)
+    outlive_starter: bool = False
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
     @property
@@ -271,11 +273,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def die_with_starter() -> None:
+    """A ``preexec_fn``: the child gets SIGTERM when the process that started it
+    dies, even by SIGKILL, so a killed test run or `make dev` leaves no daemons
+    (or model servers) behind. Call ``Popen`` from the main thread: Linux ties
+    this to the starting thread."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(cp: ControlPlane, name: str, argv: list[str]) -> None:
     cp.log_dir.mkdir(parents=True, exist_ok=True)
     log = open(cp.log_dir / f"{name}.log", "ab")
     proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=None if cp.outlive_starter else die_with_starter,
     )
     log.close()
     cp.pids[name] = proc.pid
@@ -342,8 +354,10 @@ def gpu_node_manifest(name: str, gpus: int) -> dict:
     }
 
 
-def start(state_dir: Path, bin_dir: Path | None = None) -> ControlPlane:
-    """Start etcd, the API server, controller-manager, scheduler and kwok; wait until usable."""
+def start(state_dir: Path, bin_dir: Path | None = None, *, outlive_starter: bool = False) -> ControlPlane:
+    """Start etcd, the API server, controller-manager, scheduler and kwok; wait until usable.
+
+    They stop when the calling process ends, unless ``outlive_starter`` (`make cluster`)."""
     bin_dir = bin_dir or testbed_bin_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     pki = state_dir / "pki"
@@ -353,7 +367,8 @@ def start(state_dir: Path, bin_dir: Path | None = None) -> ControlPlane:
     kubeconfig = state_dir / "kubeconfig"
     kubeconfig.write_text(kubeconfig_yaml(server, pki))
     kubeconfig.chmod(0o600)
-    cp = ControlPlane(state_dir=state_dir, bin_dir=bin_dir, server=server, kubeconfig=kubeconfig)
+    cp = ControlPlane(state_dir=state_dir, bin_dir=bin_dir, server=server, kubeconfig=kubeconfig,
+                      outlive_starter=outlive_starter)
     try:
         _start_processes(cp, pki, ports)
     except BaseException:
@@ -484,7 +499,7 @@ def cmd_up(_: argparse.Namespace) -> int:
             subprocess.run(["rm", "-rf", str(state)], check=True)
         print("==> starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok",
               file=sys.stderr)
-        cp = start(state)
+        cp = start(state, outlive_starter=True)
         print(f"==> control plane at {cp.server}; logs in {cp.log_dir}", file=sys.stderr)
     bin_dir = testbed_bin_dir()
     print(f"export KUBECONFIG={state / 'kubeconfig'}")

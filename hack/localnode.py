@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubernetes import client, config
+
+from localcluster import die_with_starter
 from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("localnode")
@@ -287,7 +289,7 @@ class LocalNode:
         out = open(log_path, "ab")
         local.process = subprocess.Popen(argv, env=proc_env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=str(log_path.parent))
+                                         cwd=str(log_path.parent), preexec_fn=die_with_starter)
         out.close()
         local.started_at = _now()
         log.info("started %s/%s as pid %d on %s: %s (log %s)", local.namespace, local.name,

@@ -1,11 +1,19 @@
-"""Pure parts of the local stack: image entrypoints, $(VAR) expansion, ingress routing."""
+"""Pure parts of the local stack: image entrypoints, $(VAR) expansion, ingress
+routing, node capacity; and that its processes die with whoever started them."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 import localingress
 import localnode
+from waiting import wait_for
 
 
 @pytest.mark.parametrize(
@@ -61,3 +69,33 @@ def test_routes_prefer_the_longest_prefix_and_respect_hosts():
     assert pick("models.example.com", "/v2/m2/openai/v1/models") == "m2"
     assert pick("127.0.0.1", "/v2/m1/openai/v10") == "short"  # prefix matches whole segments
     assert pick("127.0.0.1", "/other") is None
+
+
+def test_host_capacity_is_this_machine():
+    capacity = localnode.host_capacity()
+    assert capacity["cpu"] == str(os.cpu_count())
+    assert capacity["memory"].endswith("Ki") and int(capacity["memory"][:-2]) > 0
+
+
+def test_a_started_process_dies_with_its_starter_even_on_sigkill():
+    starter = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import subprocess, sys, time
+        from localcluster import die_with_starter
+        child = subprocess.Popen(["sleep", "300"], preexec_fn=die_with_starter)
+        print(child.pid, flush=True)
+        time.sleep(300)
+    """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    child = int(starter.stdout.readline())
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        # Reaped by init once it has exited; a zombie counts as gone.
+        with open(f"/proc/{child}/stat") as stat:
+            return stat.read().split(") ")[1].startswith("Z")
+
+    wait_for(gone, timeout=10, what="the child of a SIGKILLed starter to exit", interval=0.05)
