@@ -1,6 +1,7 @@
 """Operator fixtures: the CRDs installed on the test control plane, the operator
 running as in production (a subprocess of the ``modelendpoint-operator`` console
-script with KUBECONFIG), per-test namespaces, and wait-for-condition helpers.
+script with KUBECONFIG), per-test namespaces, and helpers that wait for a
+ModelEndpoint's phase (with tests/waiting.py's ``wait_for``).
 """
 
 from __future__ import annotations
@@ -10,38 +11,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from waiting import wait_for
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 CRD_FILE = REPO_DIR / "crds" / "modelendpoints.yaml"
 OPERATOR_BIN = Path(sys.executable).parent / "modelendpoint-operator"
 API_VERSION = "serving.modelendpoint.dev/v1alpha1"
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.25,
-             what: str = "the condition") -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-            if last:
-                return last
-        except Exception as exc:  # noqa: BLE001 - "not yet"; reported on timeout
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
 
 
 def _free_port() -> int:
@@ -125,7 +107,8 @@ class OperatorProcess:
                                      start_new_session=True)
         log.close()
         if wait_ready:
-            wait_for(self.live, 60, what=f"operator {self.name} liveness ({self.log_path})")
+            wait_for(self.live, timeout=60,
+                     what=f"operator {self.name}'s /healthz to answer 200 ({self.log_path})")
         return self
 
     def live(self) -> bool:
@@ -223,8 +206,8 @@ def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]
     """A fresh namespace per test, deleted (without waiting) afterwards."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     kubectl("create", "namespace", name)
-    wait_for(lambda: kubectl.get("serviceaccount", "default", name), 30,
-             what=f"the default ServiceAccount of {name}")
+    wait_for(lambda: kubectl.get("serviceaccount", "default", name), timeout=30,
+             what=f"the default ServiceAccount of namespace {name} to exist")
     yield name
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
@@ -237,17 +220,26 @@ def mep(name: str, namespace: str, **spec: Any) -> dict:
 
 def wait_phase(kubectl: Kubectl, namespace: str, name: str, phase: str,
                timeout: float = 60.0, generation: int | None = None) -> dict:
-    """Wait until the ModelEndpoint's status has ``phase`` (for ``generation`` if given)."""
+    """Wait until the ModelEndpoint's status has ``phase`` (for ``generation`` if given).
 
-    def check():
+    On timeout the error names the last status seen (phase, generation, message).
+    """
+
+    def check() -> dict:
         obj = kubectl.get("mep", name, namespace)
-        status = (obj or {}).get("status") or {}
+        if obj is None:
+            raise LookupError(f"ModelEndpoint {namespace}/{name} does not exist")
+        status = obj.get("status") or {}
         gen = generation if generation is not None else obj["metadata"]["generation"]
         if status.get("phase") == phase and status.get("observedGeneration") == gen:
             return obj
-        return None
+        # Not yet: what is there instead is what wait_for reports on timeout.
+        raise AssertionError(f"status.phase {status.get('phase')!r} for generation "
+                             f"{status.get('observedGeneration')} (want {gen}): "
+                             f"{status.get('message')!r}")
 
-    return wait_for(check, timeout, what=f"ModelEndpoint {namespace}/{name} phase {phase}")
+    return wait_for(check, timeout=timeout,
+                    what=f"ModelEndpoint {namespace}/{name} to reach phase {phase}")
 
 
 def children_versions(kubectl: Kubectl, namespace: str, name: str) -> dict[str, str]:

@@ -105,26 +105,12 @@ def _child_record(body: kopf.Body) -> dict:
     }
 
 
-@kopf.index("apps", "v1", "deployments", labels=CHILD_SELECTOR)
-def deployments_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict | None:
-    key = _owner_key(namespace, labels)
-    return {key: _child_record(body)} if key else None
+def _index_name(api_version: str, kind: str) -> str:
+    """The kopf index of a child kind: also the keyword its handlers receive it by."""
+    return f"{k8s.plural(api_version, kind)}_idx"
 
 
-@kopf.index("v1", "services", labels=CHILD_SELECTOR)
-def services_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict | None:
-    key = _owner_key(namespace, labels)
-    return {key: _child_record(body)} if key else None
-
-
-@kopf.index("networking.k8s.io", "v1", "ingresses", labels=CHILD_SELECTOR)
-def ingresses_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict | None:
-    key = _owner_key(namespace, labels)
-    return {key: _child_record(body)} if key else None
-
-
-@kopf.index("v1", "persistentvolumeclaims", labels=CHILD_SELECTOR)
-def pvcs_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict | None:
+def _child_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict | None:
     key = _owner_key(namespace, labels)
     return {key: _child_record(body)} if key else None
 
@@ -148,16 +134,14 @@ class Views:
     """The indexes a handler got from kopf, read on the event loop only."""
 
     endpoints: kopf.Index
-    deployments: kopf.Index
-    services: kopf.Index
-    ingresses: kopf.Index
-    pvcs: kopf.Index
+    children: dict[str, kopf.Index]  # by kind
     pods: kopf.Index
 
     @classmethod
     def of(cls, kwargs: dict[str, Any]) -> "Views":
-        return cls(kwargs["endpoints_idx"], kwargs["deployments_idx"], kwargs["services_idx"],
-                   kwargs["ingresses_idx"], kwargs["pvcs_idx"], kwargs["pods_idx"])
+        children = {kind: kwargs[_index_name(api_version, kind)]
+                    for api_version, kind in manifests.CHILD_KINDS}
+        return cls(kwargs["endpoints_idx"], children, kwargs["pods_idx"])
 
     @staticmethod
     def _all(index: kopf.Index, key: Key) -> list[dict]:
@@ -168,13 +152,11 @@ class Views:
         return found[0] if found else None
 
     def children_of(self, key: Key, kind: str) -> list[dict]:
-        index = {"Deployment": self.deployments, "Service": self.services,
-                 "Ingress": self.ingresses, "PersistentVolumeClaim": self.pvcs}[kind]
-        return self._all(index, key)
+        return self._all(self.children[kind], key)
 
     def deployment(self, key: Key) -> dict | None:
         name = key[1]
-        for d in self._all(self.deployments, key):
+        for d in self.children_of(key, "Deployment"):
             if d["metadata"]["name"] == name:
                 return d
         return None
@@ -512,28 +494,27 @@ async def _refresh_status(key: Key, state: State, views: Views, logger: logging.
             logger.warning("status update of %s/%s failed: %r", key[0], key[1], exc)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=CHILD_SELECTOR)
-async def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
-                           logger: logging.Logger, **kwargs: Any) -> None:
+async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
+                      logger: logging.Logger, **kwargs: Any) -> None:
     await _child_event(type, body, memo, logger, kwargs)
 
 
-@kopf.on.event("v1", "services", labels=CHILD_SELECTOR)
-async def service_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
-                        logger: logging.Logger, **kwargs: Any) -> None:
-    await _child_event(type, body, memo, logger, kwargs)
+def _watch_children() -> None:
+    """Register, per child kind, its kopf index and its event handler.
+
+    kopf indexes one resource per index, so each kind has its own, named
+    ``<plural>_idx`` (deployments_idx, services_idx, ingresses_idx,
+    persistentvolumeclaims_idx): handlers receive it as that keyword (Views.of).
+    """
+    for api_version, kind in manifests.CHILD_KINDS:
+        plural = k8s.plural(api_version, kind)
+        kopf.index(api_version, plural, id=_index_name(api_version, kind),
+                   labels=CHILD_SELECTOR)(_child_index)
+        kopf.on.event(api_version, plural, id=f"{plural}_event",
+                      labels=CHILD_SELECTOR)(child_event)
 
 
-@kopf.on.event("networking.k8s.io", "v1", "ingresses", labels=CHILD_SELECTOR)
-async def ingress_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
-                        logger: logging.Logger, **kwargs: Any) -> None:
-    await _child_event(type, body, memo, logger, kwargs)
-
-
-@kopf.on.event("v1", "persistentvolumeclaims", labels=CHILD_SELECTOR)
-async def pvc_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
-                    logger: logging.Logger, **kwargs: Any) -> None:
-    await _child_event(type, body, memo, logger, kwargs)
+_watch_children()
 
 
 @kopf.on.event("v1", "pods", labels=CHILD_SELECTOR)

@@ -41,6 +41,11 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
 }
 
 
+def plural(api_version: str, kind: str) -> str:
+    """The resource name of ``kind`` in URLs (and kopf's handler selectors)."""
+    return _RESOURCES[(api_version, kind)][1]
+
+
 def path_of(api_version: str, kind: str, namespace: str | None, name: str | None = None,
             subresource: str | None = None) -> str:
     prefix, plural, namespaced = _RESOURCES[(api_version, kind)]

@@ -16,6 +16,7 @@ Phases:
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,23 @@ def _cond(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
     return None
 
 
+_FIT_ERROR = re.compile(r"^0/\d+ nodes are available:")
+
+
+def scheduler_reason(message: str) -> str:
+    """The part of a kube-scheduler "Unschedulable" message that says why.
+
+    The scheduler writes ``0/N nodes are available: <why>.`` and then the outcome of
+    its PostFilter step (preemption): ``preemption: ...`` or, for a pod rejected
+    before filtering (an unbound PVC, say), a bare ``not found``. That tail says
+    nothing about the pod, so it is dropped; other messages pass through unchanged.
+    """
+    message = message.strip()
+    if _FIT_ERROR.match(message) and ". " in message:
+        return message[: message.index(". ") + 1]
+    return message
+
+
 def _pod_problem(pods: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[str, str] | None:
     """(reason, message) of the first pod that the scheduler or kubelet reports stuck."""
     for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
@@ -60,7 +78,7 @@ def _pod_problem(pods: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[str,
             continue
         sched = _cond(pod, "PodScheduled")
         if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
-            msg = sched.get("message") or "the scheduler cannot place the pod"
+            msg = scheduler_reason(sched.get("message") or "") or "the scheduler cannot place the pod"
             gpu = spec["gpuResourceName"]
             if f"Insufficient {gpu}" in msg:
                 hint = (f"not enough GPUs: no node has {spec['gpus']} free {gpu} (GPUs per replica); "

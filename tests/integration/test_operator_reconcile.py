@@ -16,9 +16,9 @@ from fixtures_operator import (
     children_versions,
     mep,
     operator_writes,
-    wait_for,
     wait_phase,
 )
+from waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -234,7 +234,7 @@ def test_update_rolls_and_noop_changes_nothing(kubectl: Kubectl, namespace: str,
     kubectl("annotate", "mep", "roll", "-n", namespace, "example.com/touched=1")
     wait_for(lambda: operator.metrics().get(
         'modelendpoint_operator_reconciles_total{result="ok",trigger="update"}', 0) > count,
-        30, what="the update reconcile")
+        timeout=30, what="the operator to count one more successful update reconcile")
     assert operator_writes(kubectl, namespace, "roll") == writes
     if kubectl.get("deployment", "roll", namespace)["status"] == deploy_status:
         # (The Deployment's resourceVersion also moves when its controller updates its
@@ -261,8 +261,8 @@ def test_update_rolls_and_noop_changes_nothing(kubectl: Kubectl, namespace: str,
     # Disabling the ingress deletes it; nothing else is touched.
     kubectl("patch", "mep", "roll", "-n", namespace, "--type=merge",
             "-p", '{"spec": {"ingress": {"enabled": false}}}')
-    wait_for(lambda: kubectl.get("ingress", "roll", namespace) is None, 30,
-             what="the ingress to be deleted")
+    wait_for(lambda: kubectl.get("ingress", "roll", namespace) is None, timeout=30,
+             what="the Ingress to be deleted")
 
 
 def test_hand_deleted_and_edited_children_are_restored(kubectl: Kubectl, namespace: str) -> None:
@@ -272,7 +272,7 @@ def test_hand_deleted_and_edited_children_are_restored(kubectl: Kubectl, namespa
 
     kubectl("delete", "service", "heal", "-n", namespace)
     restored = wait_for(lambda: (s := kubectl.get("service", "heal", namespace))
-                        and s["metadata"]["uid"] != svc_uid and s, 30,
+                        and s["metadata"]["uid"] != svc_uid and s, timeout=30,
                         what="the Service to be re-created")
     assert restored["spec"]["ports"][0]["port"] == 80
 
@@ -283,15 +283,15 @@ def test_hand_deleted_and_edited_children_are_restored(kubectl: Kubectl, namespa
         d = kubectl.get("deployment", "heal", namespace)
         c = d["spec"]["template"]["spec"]["containers"][0]
         return c["image"] == "registry.test/modelendpoint-runtime:test" and d["spec"]["replicas"] == 1
-    wait_for(back, 30, what="the Deployment's image and replicas to be restored")
+    wait_for(back, timeout=30, what="the Deployment's image and replicas to be restored")
 
     kubectl("patch", "service", "heal", "-n", namespace, "--type=merge",
             "-p", '{"spec": {"ports": [{"name": "http", "port": 9999, "targetPort": "http"}]}}')
     wait_for(lambda: [p["port"] for p in kubectl.get("service", "heal", namespace)["spec"]["ports"]]
-             == [80], 30, what="the Service port to be restored")
+             == [80], timeout=30, what="the Service port to be restored to 80")
 
     kubectl("delete", "deployment", "heal", "-n", namespace)
-    wait_for(lambda: kubectl.get("deployment", "heal", namespace), 30,
+    wait_for(lambda: kubectl.get("deployment", "heal", namespace), timeout=30,
              what="the Deployment to be re-created")
     wait_phase(kubectl, namespace, "heal", "Ready")
 
@@ -308,7 +308,7 @@ def test_delete_garbage_collects_children(kubectl: Kubectl, namespace: str) -> N
     def all_gone() -> bool:
         return not children_versions(kubectl, namespace, "gone") and not kubectl.list(
             "pod", namespace, "serving.modelendpoint.dev/endpoint=gone")
-    wait_for(all_gone, 60, what="the garbage collector to remove the children and pods")
+    wait_for(all_gone, timeout=60, what="the garbage collector to remove the children and pods")
 
 
 def test_more_gpus_than_any_node_is_degraded(kubectl: Kubectl, namespace: str) -> None:
@@ -323,6 +323,21 @@ def test_more_gpus_than_any_node_is_degraded(kubectl: Kubectl, namespace: str) -
     events = kubectl.list("events", namespace)
     assert any(e["reason"] == "Degraded" and e["type"] == "Warning"
                and e["involvedObject"]["name"] == "huge" for e in events)
+
+
+def test_unbound_cache_claim_is_degraded_with_the_schedulers_reason(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    # No such StorageClass: the cache PVC stays unbound, the scheduler cannot place the pod.
+    kubectl.apply(mep("unbound", namespace, model="m/cache", gpus=1,
+                      modelCache={"size": "1Gi", "storageClassName": f"none-{namespace}"}))
+    obj = wait_phase(kubectl, namespace, "unbound", "Degraded", timeout=60)
+    message = obj["status"]["message"]
+    # The scheduler's reason, without what follows it in its message (v1.37: "not found").
+    assert re.search(r"is unschedulable: 0/\d+ nodes are available: pod has unbound immediate "
+                     r"PersistentVolumeClaims\.$", message), message
+    conditions = {c["type"]: c for c in obj["status"]["conditions"]}
+    assert conditions["Degraded"]["reason"] == "Unschedulable"
 
 
 def test_missing_secret_fails_then_recovers(kubectl: Kubectl, namespace: str) -> None:
@@ -344,7 +359,7 @@ def test_kubectl_scale(kubectl: Kubectl, namespace: str) -> None:
     wait_phase(kubectl, namespace, "elastic", "Ready")
     kubectl("scale", "mep/elastic", "-n", namespace, "--replicas=2")
     wait_for(lambda: kubectl.get("deployment", "elastic", namespace)["spec"]["replicas"] == 2,
-             30, what="the Deployment to have 2 replicas")
+             timeout=30, what="the Deployment to have 2 replicas")
     obj = wait_phase(kubectl, namespace, "elastic", "Ready", timeout=60)
     assert obj["status"]["readyReplicas"] == 2 and obj["status"]["ready"] == "2/2"
     # The scale subresource reports the label selector HPA and KEDA use.

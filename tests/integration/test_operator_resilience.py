@@ -8,9 +8,9 @@ from fixtures_operator import (
     OperatorProcess,
     mep,
     operator_writes,
-    wait_for,
     wait_phase,
 )
+from waiting import wait_for
 
 SELECTOR = "app.kubernetes.io/managed-by=modelendpoint-operator"
 
@@ -39,8 +39,8 @@ def test_killed_mid_reconcile_converges_without_duplicates(
         kubectl.apply([mep(n, namespace, model=f"m/{n}", gpus=0,
                            ingress={"enabled": True}) for n in names])
         # Kill -9 as soon as the first children appear: the others are mid-flight.
-        wait_for(lambda: kubectl.list("deployment", namespace, SELECTOR), 30, interval=0.05,
-                 what="the first Deployment")
+        wait_for(lambda: kubectl.list("deployment", namespace, SELECTOR), timeout=30,
+                 interval=0.05, what="the first Deployment")
     finally:
         operator.kill()
         del operator.extra_env["MEP_OPERATOR_MAX_API_REQUESTS"]
@@ -66,8 +66,8 @@ def test_killed_mid_reconcile_converges_without_duplicates(
     count = 'modelendpoint_operator_reconciles_total{result="ok",trigger="resume"}'
     operator.stop()
     operator.restart()
-    wait_for(lambda: operator.metrics().get(count, 0) >= len(names), 60,
-             what="the resume reconciles")
+    wait_for(lambda: operator.metrics().get(count, 0) >= len(names), timeout=60,
+             what=f"{len(names)} successful resume reconciles")
     assert {n: operator_writes(kubectl, namespace, n) for n in names} == before
 
 
@@ -82,8 +82,8 @@ def second_operator(control_plane, mep_crds, operator_logs, operator: OperatorPr
         op.stop()
         # The session operator resumes once the other one has left the peering.
         wait_for(lambda: any("Resuming operations" in str(x.get("message"))
-                             for x in operator.log_lines()[-200:]), 60,
-                 what="the session operator to resume")
+                             for x in operator.log_lines()[-200:]), timeout=60,
+                 what="the session operator to log 'Resuming operations'")
 
 
 def test_two_operators_one_active(kubectl: Kubectl, namespace: str, operator: OperatorProcess,
@@ -91,8 +91,8 @@ def test_two_operators_one_active(kubectl: Kubectl, namespace: str, operator: Op
     mark = len(operator.log_lines())
     second_operator.start()
     wait_for(lambda: any("Pausing operations in favour of" in str(x.get("message"))
-                         for x in operator.log_lines()[mark:]), 60,
-             what="the lower-priority operator to pause")
+                         for x in operator.log_lines()[mark:]), timeout=60,
+             what="the lower-priority operator to log 'Pausing operations in favour of'")
 
     kubectl.apply(mep("solo", namespace, model="m/solo", gpus=0))
     wait_phase(kubectl, namespace, "solo", "Ready", timeout=60)
@@ -103,8 +103,8 @@ def test_two_operators_one_active(kubectl: Kubectl, namespace: str, operator: Op
     # When the active one stops, the other takes over.
     second_operator.stop()
     wait_for(lambda: any("Resuming operations" in str(x.get("message"))
-                         for x in operator.log_lines()[mark:]), 60,
-             what="the remaining operator to resume")
+                         for x in operator.log_lines()[mark:]), timeout=60,
+             what="the remaining operator to log 'Resuming operations'")
     kubectl.apply(mep("after", namespace, model="m/after", gpus=0))
     wait_phase(kubectl, namespace, "after", "Ready", timeout=60)
     assert _handled_by(operator, "after", namespace)
@@ -125,7 +125,7 @@ def test_operator_watching_a_namespace_list_ignores_the_others(
         # The session operator (cluster-wide) reconciles both; the scoped one only its own.
         wait_phase(kubectl, namespace, "inside", "Ready")
         wait_phase(kubectl, other, "outside", "Ready")
-        wait_for(lambda: _handled_by(scoped, "inside", namespace), 30,
+        wait_for(lambda: _handled_by(scoped, "inside", namespace), timeout=30,
                  what="the scoped operator to handle its namespace")
         assert not _handled_by(scoped, "outside", other)
         assert not any((line.get("object") or {}).get("namespace") == other

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import kopf
 from kubernetes.aio.client.exceptions import ApiException
 
 from modelendpoint_operator import handlers as h
@@ -76,3 +77,35 @@ def test_resource_paths() -> None:
     assert (k8s.path_of("serving.modelendpoint.dev/v1alpha1", "ModelEndpoint", "ns", "m", "status")
             == "/apis/serving.modelendpoint.dev/v1alpha1/namespaces/ns/modelendpoints/m/status")
     assert k8s.path_of("kopf.dev/v1", "ClusterKopfPeering", None, "p") == "/apis/kopf.dev/v1/clusterkopfpeerings/p"
+
+
+CHILD_RESOURCES = {"Deployment": ("apps", "deployments"), "Service": ("", "services"),
+                   "Ingress": ("networking.k8s.io", "ingresses"),
+                   "PersistentVolumeClaim": ("", "persistentvolumeclaims")}
+
+
+def test_each_child_kind_has_its_own_named_index_and_event_handler() -> None:
+    registry = kopf.get_default_registry()
+    indexes = {x.id: x for x in registry._indexing.get_all_handlers()}
+    events = {x.id: x for x in registry._watching.get_all_handlers()}
+    assert set(indexes) == {"endpoints_idx", "pods_idx", *(f"{plural}_idx" for _, plural
+                                                          in CHILD_RESOURCES.values())}
+    for group, plural in CHILD_RESOURCES.values():
+        for handler in (indexes[f"{plural}_idx"], events[f"{plural}_event"]):
+            assert (handler.selector.group, handler.selector.any_name) == (group, plural)
+            assert handler.labels == h.CHILD_SELECTOR
+
+
+def test_views_read_each_kind_from_its_own_index() -> None:
+    key = ("ns", "llm")
+    labels = {"serving.modelendpoint.dev/endpoint": "llm"}
+    kwargs = {"endpoints_idx": {}, "pods_idx": {}}
+    for kind, (_, plural) in CHILD_RESOURCES.items():
+        body = kopf.Body({"kind": kind, "metadata": {"name": "llm", "uid": kind}})
+        kwargs[f"{plural}_idx"] = {k: [v] for k, v in h._child_index("ns", labels, body).items()}
+    views = h.Views.of(kwargs)
+    for kind in CHILD_RESOURCES:
+        assert [x["metadata"]["uid"] for x in views.children_of(key, kind)] == [kind]
+    assert views.deployment(key)["kind"] == "Deployment"
+    assert views.children_of(("ns", "other"), "Service") == []
+    assert h._child_index("ns", {}, kopf.Body({"metadata": {}})) is None  # not labelled

@@ -45,7 +45,8 @@ def waiting_pod(reason: str) -> dict:
                 {"name": "runtime", "state": {"waiting": {"reason": reason, "message": "boom"}}}]}}
 
 
-GPU_MSG = ("0/2 nodes are available: 2 Insufficient nvidia.com/gpu. preemption: 0/2 nodes are "
+GPU_WHY = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+GPU_MSG = (f"{GPU_WHY} preemption: 0/2 nodes are "
            "available: 2 No preemption victims found for incoming pod.")
 
 
@@ -93,14 +94,37 @@ def test_not_enough_gpus_message_names_gpus_and_the_scheduler_reason() -> None:
     a = st.assess(owner(gpus=16), deployment(available=0, progressing="ReplicaSetUpdated"),
                   [unschedulable_pod(GPU_MSG)])
     assert "not enough GPUs" in a.message and "16 free nvidia.com/gpu" in a.message
-    assert GPU_MSG in a.message
+    assert a.message.endswith(f"is unschedulable: {GPU_WHY}"), a.message
 
 
-def test_other_scheduler_reasons_pass_through() -> None:
-    msg = "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+# What kube-scheduler v1.37 writes in the PodScheduled condition for a pod whose PVC is
+# unbound: the PostFilter (preemption) outcome "not found" follows the reason.
+PVC_WHY = "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+
+
+@pytest.mark.parametrize("scheduler_message", [
+    PVC_WHY,
+    f"{PVC_WHY} not found",
+    f"{PVC_WHY} preemption: 0/2 nodes are available: 2 Preemption is not helpful for scheduling.",
+])
+def test_other_scheduler_reasons_pass_through_without_the_preemption_outcome(
+    scheduler_message: str,
+) -> None:
     a = st.assess(owner(), deployment(available=0, progressing="ReplicaSetUpdated"),
-                  [unschedulable_pod(msg)])
-    assert a.phase == "Degraded" and msg in a.message and "GPU" not in a.message
+                  [unschedulable_pod(scheduler_message)])
+    assert a.phase == "Degraded" and "GPU" not in a.message
+    assert a.message == f"0/2 replicas available; pod llm-abc is unschedulable: {PVC_WHY}"
+
+
+@pytest.mark.parametrize("message,why", [
+    ("", ""),
+    ("  0/3 nodes are available: 3 node(s) had untolerated taint {gpu: }. not found\n",
+     "0/3 nodes are available: 3 node(s) had untolerated taint {gpu: }."),
+    # Not kube-scheduler's format (another scheduler): kept as it is.
+    ("no room. try later", "no room. try later"),
+])
+def test_scheduler_reason(message: str, why: str) -> None:
+    assert st.scheduler_reason(message) == why
 
 
 def test_terminating_pods_are_ignored() -> None:
