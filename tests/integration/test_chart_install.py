@@ -283,7 +283,11 @@ def wait_ready(release: Release, name: str, namespace: str, op: OperatorProcess)
             return obj
         events = release.get("events", "-n", namespace, "--field-selector",
                              f"involvedObject.uid={obj['metadata']['uid']},reason=Ready")["items"]
-        return obj if events else None
+        if not events:
+            return None
+        # The Event may have been posted after `obj` was read: read the status it followed.
+        obj = release.get("modelendpoint", name, "-n", namespace)
+        return obj if obj.get("status") else None
 
     try:
         return wait_for(ready, timeout=120, what=f"ModelEndpoint {name} to become Ready")
