@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from fixtures_runtime import wait_for
+from waiting import wait_for
 
 LONG = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}  # ~50 s of CPU time if not aborted
 
@@ -61,7 +61,7 @@ def open_streams(stack: ExitStack, server, count: int) -> list:
 
 
 def test_overload_is_immediate_503_with_retry_after_and_disconnect_aborts(runtime_server, openai_client):
-    wait_for(lambda: engine_idle(runtime_server), 30, what="an idle engine before the test")
+    wait_for(lambda: engine_idle(runtime_server), timeout=30, interval=0.1, what="an idle engine before the test")
     generated_before = metric(runtime_server, "vllm:generation_tokens_total")
     with ExitStack() as stack:
         streams = open_streams(stack, runtime_server, 3)  # MAX_CONCURRENT_REQUESTS=3
@@ -85,18 +85,18 @@ def test_overload_is_immediate_503_with_retry_after_and_disconnect_aborts(runtim
         for _, lines in streams:
             assert next_data(lines).startswith("data: {")
     # ...and closing them (client disconnect) aborts their engine requests.
-    wait_for(lambda: engine_idle(runtime_server), 10, what="the engine to drop the aborted requests")
+    wait_for(lambda: engine_idle(runtime_server), timeout=10, interval=0.1, what="the engine to drop the aborted requests")
     # Proof they were cut short, not run to their end: far fewer than the
     # 3 x 1000 tokens they asked for were generated.
     assert metric(runtime_server, "vllm:generation_tokens_total") - generated_before < 1500
 
 
 def test_non_streaming_disconnect_aborts_the_engine_request(runtime_server):
-    wait_for(lambda: engine_idle(runtime_server), 30, what="an idle engine before the test")
+    wait_for(lambda: engine_idle(runtime_server), timeout=30, interval=0.1, what="an idle engine before the test")
     generated_before = metric(runtime_server, "vllm:generation_tokens_total")
     body = {"model": runtime_server.model, "prompt": "Tell a long story", **LONG}
     _post_and_drop(runtime_server, body)
-    wait_for(lambda: engine_idle(runtime_server), 10, what="the engine to drop the abandoned request")
+    wait_for(lambda: engine_idle(runtime_server), timeout=10, interval=0.1, what="the engine to drop the abandoned request")
     assert metric(runtime_server, "vllm:generation_tokens_total") - generated_before < 500  # not 1000
 
 
@@ -110,7 +110,7 @@ def _post_and_drop(server, body: dict) -> None:
         f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: {auth}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
     )
-    wait_for(lambda: metric(server, "vllm:num_requests_running") == 1, 20, what="the engine to start the request")
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 1, timeout=20, interval=0.1, what="the engine to start the request")
     sock.close()
 
 
@@ -155,7 +155,7 @@ def test_one_json_log_line_per_request_without_prompt_text(runtime_server, opena
     r = openai_client.chat.completions.create(
         model=runtime_server.model, messages=[{"role": "user", "content": secret_prompt}], max_tokens=3
     )
-    wait_for(lambda: len(logged()) > before, 10, what="the request's log line")
+    wait_for(lambda: len(logged()) > before, timeout=10, interval=0.1, what="the request's log line")
     entries = logged()[before:]
     assert len(entries) == 1  # exactly one line for the one request
     (entry,) = entries
@@ -203,7 +203,7 @@ def test_sigterm_drains_then_exits_zero(runtime_server):
         assert next_data(lines).startswith("data: {")
         server.process.send_signal(15)  # SIGTERM
 
-        wait_for(lambda: httpx.get(server.root_url + "/ready").status_code == 503, 10, what="/ready to turn 503")
+        wait_for(lambda: httpx.get(server.root_url + "/ready").status_code == 503, timeout=10, interval=0.1, what="/ready to turn 503")
         assert httpx.get(server.root_url + "/ready").json() == {"status": "draining"}
         refused = httpx.post(server.base_url + "/completions", headers=server.headers,
                              json={"model": server.model, "prompt": "x", "max_tokens": 1})  # fmt: skip
