@@ -8,6 +8,8 @@ paths: the endpoint id in ``/v2/{id}/...`` must not multiply the series.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 # Buckets for a model server: milliseconds to minutes.
@@ -48,3 +50,17 @@ class Metrics:
             ["reason"], registry=registry,
         )  # fmt: skip
         self.ready = Gauge("modelendpoint_ready", "1 when the model is loaded and not draining.", registry=registry)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered.
+
+        ``labels()`` validates, takes a lock and builds a key on every call;
+        the label values here are a small fixed set (route templates, methods,
+        statuses, reasons), so each child is looked up once and kept.
+        """
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from types import SimpleNamespace
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from modelendpoint_runtime.app import Runtime, create_app
+from modelendpoint_runtime.logs import LOGGER_NAME
 from modelendpoint_runtime.metrics import Metrics
 from modelendpoint_runtime.settings import load_settings
 
@@ -58,6 +60,17 @@ class FakeServing:
                 yield "data: [DONE]\n\n"
 
             return gen()
+        if self.mode == "stream_usage":  # as vLLM: the final usage lands on the request's state
+            meta = SimpleNamespace(final_usage_info=None)
+            raw.state.request_metadata = meta
+
+            async def gen():
+                yield 'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+                yield CHUNK
+                meta.final_usage_info = SimpleNamespace(prompt_tokens=5, completion_tokens=1)
+                yield "data: [DONE]\n\n"
+
+            return gen()
         raise AssertionError(self.mode)
 
     create_chat_completion = _run
@@ -70,9 +83,9 @@ class FakeModels:
         return SimpleNamespace(data=[card])
 
 
-def make(mode="raise", loaded=True, **env):
+def make(mode="raise", loaded=True, registry=None, **env):
     settings = load_settings({"MODEL_NAME": "m", "API_KEY": "key", "ENDPOINT_ID": "ep", **env})
-    runtime = Runtime(settings, Metrics(CollectorRegistry()))
+    runtime = Runtime(settings, Metrics(registry or CollectorRegistry()))
 
     async def never():  # the lifespan is not run by the ASGI transport
         raise AssertionError("not started in unit tests")
@@ -198,3 +211,77 @@ def test_no_auth_when_no_key_configured():
     app = create_app(runtime, lambda: None)
     runtime.engine = SimpleNamespace(state=SimpleNamespace(openai_serving_models=FakeModels()), dead=False)
     assert run(call(app, "GET", "/openai/v1/models", key=None)).status_code == 200
+
+
+def test_streamed_request_metrics_and_log_line():
+    registry = CollectorRegistry()
+    runtime, app = make("stream_usage", registry=registry)
+    logger = logging.getLogger(LOGGER_NAME)  # its own handler: setup_logging turns propagation off
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for _ in range(2):  # the second request goes through the remembered metric children
+            r = run(call(app, "POST", "/v2/ep/openai/v1/chat/completions", json=CHAT | {"stream": True}))
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    route = "/v2/{endpoint_id}/openai/v1/chat/completions"
+    sample = registry.get_sample_value
+    assert sample("modelendpoint_requests_total", {"route": route, "method": "POST", "status": "200"}) == 2
+    assert sample("modelendpoint_request_duration_seconds_count", {"route": route}) == 2
+    assert sample("modelendpoint_time_to_first_token_seconds_count", {"route": route, "stream": "true"}) == 2
+    assert sample("modelendpoint_prompt_tokens_total", {"route": route}) == 10
+    assert sample("modelendpoint_completion_tokens_total", {"route": route}) == 2
+    assert sample("modelendpoint_requests_in_flight") == 0 and runtime.admission.in_flight == 0
+    line = [rec.fields for rec in records if rec.getMessage() == "request"][-1]
+    assert line["route"] == route and line["status"] == 200 and line["stream"] is True
+    assert line["prompt_tokens"] == 5 and line["completion_tokens"] == 1 and line["ttft_ms"] >= 0
+
+
+def test_stream_end_uses_no_worker_thread(monkeypatch):
+    # Releasing the admission slot through a Starlette BackgroundTask ran it in
+    # the thread pool: a thread hop (and a GIL hand-off) per streamed request.
+    import anyio.to_thread
+
+    async def no_thread(*args, **kwargs):
+        raise AssertionError("a worker thread was used")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_thread)
+    runtime, app = make("stream")
+    r = run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"stream": True}))
+    assert r.status_code == 200 and runtime.admission.in_flight == 0
+
+
+def test_stream_that_never_started_still_releases_its_slot():
+    from modelendpoint_runtime.app import _Ticket, _TicketedStream
+
+    runtime, _ = make("stream")
+    assert runtime.admission.try_acquire()
+    ticket = _Ticket(runtime)
+
+    async def body():
+        yield "never read"
+
+    async def gone(message):  # the client left before the response started
+        raise OSError("connection reset")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST", "headers": []}
+    with pytest.raises(Exception):
+        run(_TicketedStream(body(), ticket, "text/event-stream")(scope, receive, gone))
+    assert runtime.admission.in_flight == 0 and not ticket.held
+
+
+def test_microbench_drives_the_runtime_app():
+    # Keeps hack/microbench_runtime.py working; measures nothing.
+    import microbench_runtime as microbench
+
+    app = microbench.build("runtime", 3)
+    assert run(microbench._drive(app, 4, 2)) == {"200": 4}
