@@ -20,8 +20,10 @@ markers, with the command line that produced it.
 
 Options: ``--requests-scale`` multiplies the request counts per block
 (default 1: 16/48/128 requests at concurrency 1/8/32), ``--max-tokens``
-(default 32), ``--rounds N`` blocks per server and concurrency (default 4),
-``--no-write`` leaves the docs alone.
+(default 32), ``--rounds N`` blocks per server and concurrency (default 4), ``--sessions N``
+start-ups of the pair (default 2; which server starts first alternates: on
+this machine the one started second measured a few percent faster, whichever
+it was), ``--no-write`` leaves the docs alone.
 """
 
 from __future__ import annotations
@@ -301,6 +303,7 @@ def main() -> None:
     parser.add_argument("--requests-scale", type=float, default=1.0)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--sessions", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -309,25 +312,39 @@ def main() -> None:
     model_dir = embedded_model.model_dir()
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"the embedded model is missing at {model_dir}; run `make embedded-model`")
-    with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
-        workdir = Path(tmp)
-        servers: dict[str, Server] = {}
-        try:
-            for kind in ("runtime", "vllm"):
-                servers[kind] = start(kind, model_dir, workdir)
-            results, block_ratios = run_blocks(servers, args.rounds, args.requests_scale, args.max_tokens)
-        finally:
-            for server in servers.values():
-                server.stop()
+    results: dict[str, dict[int, Result]] = {"runtime": {}, "vllm": {}}
+    block_ratios: dict[int, list[float]] = {}
+    for session in range(args.sessions):
+        # Start order moved the results by a few percent on this machine (the
+        # server started second measured faster, either one): each server goes
+        # first in half of the sessions.
+        start_order = ("runtime", "vllm") if session % 2 == 0 else ("vllm", "runtime")
+        print(f"==> session {session + 1}/{args.sessions}: starting {' then '.join(start_order)}",
+              file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
+            servers: dict[str, Server] = {}
+            try:
+                for kind in start_order:
+                    servers[kind] = start(kind, model_dir, Path(tmp))
+                pooled, ratios = run_blocks(servers, args.rounds, args.requests_scale, args.max_tokens)
+            finally:
+                for server in servers.values():
+                    server.stop()
+        for kind, by_c in pooled.items():
+            for c, r in by_c.items():
+                results[kind][c] = merge(results[kind].get(c), r)
+        for c, rs in ratios.items():
+            block_ratios.setdefault(c, []).extend(rs)
     import vllm  # for the version line only
 
     command = (
         f".venv/bin/python hack/bench_runtime.py --requests-scale {args.requests_scale} "
-        f"--max-tokens {args.max_tokens} --rounds {args.rounds}"
-        if (args.requests_scale, args.max_tokens, args.rounds) != (1.0, 32, 4) else "make bench-runtime"
+        f"--max-tokens {args.max_tokens} --rounds {args.rounds} --sessions {args.sessions}"
+        if (args.requests_scale, args.max_tokens, args.rounds, args.sessions) != (1.0, 32, 4, 2)
+        else "make bench-runtime"
     )  # fmt: skip
     counts = ", ".join(
-        f"{max(c, int(BASE_REQUESTS[c] * args.requests_scale)) * args.rounds} at concurrency {c}" for c in CONCURRENCY
+        f"{max(c, int(BASE_REQUESTS[c] * args.requests_scale)) * args.rounds * args.sessions} at concurrency {c}" for c in CONCURRENCY
     )
     load = os.getloadavg()
     section = (
@@ -335,7 +352,8 @@ def main() -> None:
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}: vLLM {vllm.__version__} on the CPU "
         f"({os.cpu_count()} cores, {platform.machine()}), the embedded SmolLM2-135M-Instruct (float32), "
         f"max_model_len {ENGINE['max_model_len']}, max_num_seqs {ENGINE['max_num_seqs']}; both servers up, driven one at a "
-        f"time in {args.rounds} interleaved blocks per concurrency (A B B A ...). Machine shared with other work (load average "
+        f"time in {args.rounds} interleaved blocks per concurrency (A B B A ...), in {args.sessions} sessions "
+        f"(start-ups) alternating which server starts first. Machine shared with other work (load average "
         f"at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores). Load: streaming text completions of {args.max_tokens} tokens each (ignore_eos, greedy), fixed "
         f"prompts, closed loop; {counts} requests per server, after 2 x concurrency warm-up requests per server and concurrency. TTFT is measured to the first chunk "
         "with text, ITL between chunks with text, on the client.\n\n" + table(results, block_ratios) + "\n\n" + NOTES
