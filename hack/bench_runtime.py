@@ -23,7 +23,9 @@ Options: ``--requests-scale`` multiplies the request counts per block
 (default 32), ``--rounds N`` blocks per server and concurrency (default 4), ``--sessions N``
 start-ups of the pair (default 2; which server starts first alternates: on
 this machine the one started second measured a few percent faster, whichever
-it was), ``--no-write`` leaves the docs alone.
+it was), ``--no-write`` leaves the docs alone, ``--control`` runs vLLM's server in
+both places (an A/A run: what the same server measures against itself here,
+the noise floor of the comparison) and only prints.
 """
 
 from __future__ import annotations
@@ -96,10 +98,10 @@ class Server:
                 self.process.wait(30)
 
 
-def start(kind: str, model_dir: Path, workdir: Path) -> Server:
+def start(kind: str, model_dir: Path, workdir: Path, slot: str | None = None) -> Server:
     port = free_port()
     env = dict(os.environ, **ENV)
-    log = workdir / f"{kind}.log"
+    log = workdir / f"{slot or kind}.log"
     if kind == "runtime":
         env.update(
             MODEL_NAME=str(model_dir), OPENAI_SERVED_MODEL_NAME_OVERRIDE=SERVED, API_KEY=KEY,
@@ -243,7 +245,12 @@ THROUGHPUT_TARGET = 0.97  # runtime / vLLM output tokens per second, at least
 TTFT_TARGET_MS = 2.0  # runtime - vLLM TTFT p50, at most
 
 
-def table(results: dict[str, dict[int, Result]], block_ratios: dict[int, list[float]]) -> str:
+LABELS = {"runtime": "modelendpoint-runtime", "vllm": "vLLM api_server"}
+CONTROL_LABELS = {"runtime": "vLLM api_server (in the runtime's place)", "vllm": "vLLM api_server"}
+
+
+def table(results: dict[str, dict[int, Result]], block_ratios: dict[int, list[float]],
+          labels: dict[str, str] = LABELS) -> str:
     ms = 1000
     rows = [
         "| concurrency | server | requests | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | errors |",
@@ -255,7 +262,7 @@ def table(results: dict[str, dict[int, Result]], block_ratios: dict[int, list[fl
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for c in CONCURRENCY:
-        for kind, label in (("runtime", "modelendpoint-runtime"), ("vllm", "vLLM api_server")):
+        for kind, label in labels.items():
             r = results[kind][c]
             rows.append(
                 f"| {c} | {label} | {r.requests} | {r.requests / r.wall:.2f} | {r.tokens / r.wall:.1f} | "
@@ -305,6 +312,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sessions", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--control", action="store_true",
+                        help="an A/A run: a second vLLM server in the runtime's place, to see the "
+                             "machine's noise floor; prints its table, writes nothing")
     args = parser.parse_args()
 
     import embedded_model
@@ -324,8 +334,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
             servers: dict[str, Server] = {}
             try:
-                for kind in start_order:
-                    servers[kind] = start(kind, model_dir, Path(tmp))
+                for slot in start_order:
+                    kind = "vllm" if args.control else slot
+                    servers[slot] = start(kind, model_dir, Path(tmp), slot)
                 pooled, ratios = run_blocks(servers, args.rounds, args.requests_scale, args.max_tokens)
             finally:
                 for server in servers.values():
@@ -337,12 +348,12 @@ def main() -> None:
             block_ratios.setdefault(c, []).extend(rs)
     import vllm  # for the version line only
 
-    command = (
+    defaults = (args.requests_scale, args.max_tokens, args.rounds, args.sessions) == (1.0, 32, 4, 2)
+    command = "make bench-runtime" if defaults and not args.control else (
         f".venv/bin/python hack/bench_runtime.py --requests-scale {args.requests_scale} "
         f"--max-tokens {args.max_tokens} --rounds {args.rounds} --sessions {args.sessions}"
-        if (args.requests_scale, args.max_tokens, args.rounds, args.sessions) != (1.0, 32, 4, 2)
-        else "make bench-runtime"
-    )  # fmt: skip
+        + (" --control" if args.control else "")
+    )
     counts = ", ".join(
         f"{max(c, int(BASE_REQUESTS[c] * args.requests_scale)) * args.rounds * args.sessions} at concurrency {c}" for c in CONCURRENCY
     )
@@ -356,10 +367,10 @@ def main() -> None:
         f"(start-ups) alternating which server starts first. Machine shared with other work (load average "
         f"at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores). Load: streaming text completions of {args.max_tokens} tokens each (ignore_eos, greedy), fixed "
         f"prompts, closed loop; {counts} requests per server, after 2 x concurrency warm-up requests per server and concurrency. TTFT is measured to the first chunk "
-        "with text, ITL between chunks with text, on the client.\n\n" + table(results, block_ratios) + "\n\n" + NOTES
+        "with text, ITL between chunks with text, on the client.\n\n" + table(results, block_ratios, CONTROL_LABELS if args.control else LABELS) + "\n\n" + NOTES
     )
     print(section)
-    if not args.no_write:
+    if not (args.no_write or args.control):
         write_doc(section)
 
 
