@@ -136,10 +136,7 @@ def main() -> int:
             nodes = {"apiVersion": "v1", "kind": "List", "items": [
                 localcluster.gpu_node_manifest(f"kwok-bench-{i}", 8) for i in range(extra)]}
             cp.kubectl("apply", "-f", "-", input=json.dumps(nodes))
-        cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "modelendpoints.yaml"))
-        from modelendpoint_operator.peering import PEERING_CRDS_YAML
-
-        cp.kubectl("apply", "--server-side", "-f", "-", input=PEERING_CRDS_YAML)
+        cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                    "crd/modelendpoints.serving.modelendpoint.dev", "crd/clusterkopfpeerings.kopf.dev")
         namespaces = [f"bench-{i}" for i in range(args.namespaces)]

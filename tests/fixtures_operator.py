@@ -174,11 +174,8 @@ def kubectl(control_plane) -> Kubectl:
 
 @pytest.fixture(scope="session")
 def mep_crds(control_plane, kubectl: Kubectl) -> None:
-    """The ModelEndpoint CRD (crds/modelendpoints.yaml) and kopf's peering CRDs, established."""
-    from modelendpoint_operator.peering import PEERING_CRDS_YAML
-
-    kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-    kubectl("apply", "--server-side", "-f", "-", input=PEERING_CRDS_YAML)
+    """The ModelEndpoint CRD and kopf's peering CRDs (crds/), established."""
+    kubectl("apply", "--server-side", "-f", str(CRD_FILE.parent))
     for crd in ("modelendpoints.serving.modelendpoint.dev", "clusterkopfpeerings.kopf.dev",
                 "kopfpeerings.kopf.dev"):
         kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd}")

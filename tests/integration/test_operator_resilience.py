@@ -15,6 +15,11 @@ from waiting import wait_for
 SELECTOR = "app.kubernetes.io/managed-by=modelendpoint-operator"
 
 
+def _logged(op: OperatorProcess, text: str, since: int = 0) -> bool:
+    """Whether ``op`` logged a message containing ``text`` after its first ``since`` lines."""
+    return any(text in str(line.get("message")) for line in op.log_lines()[since:])
+
+
 def _handled_by(op: OperatorProcess, name: str, namespace: str) -> bool:
     """Whether ``op`` ran a ModelEndpoint handler for ``namespace/name``."""
     for line in op.log_lines():
@@ -81,8 +86,7 @@ def second_operator(control_plane, mep_crds, operator_logs, operator: OperatorPr
     finally:
         op.stop()
         # The session operator resumes once the other one has left the peering.
-        wait_for(lambda: any("Resuming operations" in str(x.get("message"))
-                             for x in operator.log_lines()[-200:]), timeout=60,
+        wait_for(lambda: _logged(operator, "Resuming operations", -200), timeout=60,
                  what="the session operator to log 'Resuming operations'")
 
 
@@ -90,8 +94,7 @@ def test_two_operators_one_active(kubectl: Kubectl, namespace: str, operator: Op
                                   second_operator: OperatorProcess) -> None:
     mark = len(operator.log_lines())
     second_operator.start()
-    wait_for(lambda: any("Pausing operations in favour of" in str(x.get("message"))
-                         for x in operator.log_lines()[mark:]), timeout=60,
+    wait_for(lambda: _logged(operator, "Pausing operations in favour of", mark), timeout=60,
              what="the lower-priority operator to log 'Pausing operations in favour of'")
 
     kubectl.apply(mep("solo", namespace, model="m/solo", gpus=0))
@@ -102,8 +105,7 @@ def test_two_operators_one_active(kubectl: Kubectl, namespace: str, operator: Op
 
     # When the active one stops, the other takes over.
     second_operator.stop()
-    wait_for(lambda: any("Resuming operations" in str(x.get("message"))
-                         for x in operator.log_lines()[mark:]), timeout=60,
+    wait_for(lambda: _logged(operator, "Resuming operations", mark), timeout=60,
              what="the remaining operator to log 'Resuming operations'")
     kubectl.apply(mep("after", namespace, model="m/after", gpus=0))
     wait_phase(kubectl, namespace, "after", "Ready", timeout=60)

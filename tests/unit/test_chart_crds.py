@@ -1,5 +1,5 @@
-"""The chart ships THE SAME BYTES as crds/modelendpoints.yaml, and kopf's peering CRDs
-exactly as kopf looks them up."""
+"""The chart ships THE SAME BYTES as crds/ (the ModelEndpoint CRD and kopf's peering
+CRDs), and the peering CRDs are exactly what kopf looks up."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from kopf._cogs.structs import references
 
@@ -16,12 +17,13 @@ CHART = REPO / "charts" / "modelendpoint-operator"
 SOURCE = REPO / "crds" / "modelendpoints.yaml"
 
 
-def test_chart_crd_is_the_repository_crd():
-    shipped = CHART / "crds" / "modelendpoints.yaml"
+@pytest.mark.parametrize("name", ["modelendpoints.yaml", "kopf-peerings.yaml"])
+def test_chart_crd_is_the_repository_crd(name):
+    shipped, source = CHART / "crds" / name, REPO / "crds" / name
     # A relative symlink, so there is one copy to edit and nothing to sync.
     assert shipped.is_symlink()
-    assert shipped.resolve() == SOURCE.resolve()
-    assert shipped.read_bytes() == SOURCE.read_bytes()
+    assert shipped.resolve() == source.resolve()
+    assert shipped.read_bytes() == source.read_bytes()
 
 
 def test_packaged_chart_holds_the_same_crd_bytes(testbed_bin, tmp_path):
@@ -69,12 +71,3 @@ def test_peering_crds_match_what_kopf_looks_up():
         status = d["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
         assert status["x-kubernetes-preserve-unknown-fields"] is True
 
-
-def test_peering_crds_match_the_operators_copy():
-    # The operator prints the same CRDs (`python -m modelendpoint_operator.peering`) for
-    # installs without the chart; the two must not drift apart.
-    from modelendpoint_operator.peering import PEERING_CRDS_YAML
-
-    ours = list(yaml.safe_load_all((CHART / "crds" / "kopf-peerings.yaml").read_text()))
-    theirs = [d for d in yaml.safe_load_all(PEERING_CRDS_YAML) if d]
-    assert ours == theirs
