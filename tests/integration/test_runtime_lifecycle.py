@@ -196,7 +196,11 @@ def test_sigterm_drains_then_exits_zero(runtime_server):
     """Runs last: readiness 503, new requests 503, the in-flight stream completes, exit 0."""
     server = runtime_server
     client = httpx.Client(timeout=120, headers=server.headers)
-    body = {"model": server.model, "prompt": "Count slowly", "stream": True, "max_tokens": 60, "ignore_eos": True,
+    # Long enough that the drain outlasts the checks below even when the engine
+    # runs fast: with 60 tokens the stream once finished, and the server exited,
+    # between two of them. 400 tokens at the slowest rate seen here (~10/s)
+    # still ends inside DRAIN_TIMEOUT_SECONDS=60.
+    body = {"model": server.model, "prompt": "Count slowly", "stream": True, "max_tokens": 400, "ignore_eos": True,
             "temperature": 0}  # fmt: skip
     with client.stream("POST", server.base_url + "/completions", json=body) as response:
         lines = response.iter_lines()
