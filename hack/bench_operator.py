@@ -21,7 +21,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,12 +43,6 @@ START, END = "<!-- bench-operator:start -->", "<!-- bench-operator:end -->"
 AFTER = "<!-- bench-runtime:end -->"  # where the section goes when it is not there yet
 # The targets: every ModelEndpoint converged within, the operator's peak memory under.
 TARGET_TOTAL_S, TARGET_PEAK_MIB = 120.0, 150.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -174,10 +167,10 @@ def main() -> int:
         for t in watchers:
             t.start()
 
-        metrics_port = free_port()
+        metrics_port, liveness_port = localcluster.free_ports(2)
         env = dict(cp.env())
         env.update({"MEP_OPERATOR_METRICS_PORT": str(metrics_port),
-                    "MEP_OPERATOR_LIVENESS_PORT": str(free_port()),
+                    "MEP_OPERATOR_LIVENESS_PORT": str(liveness_port),
                     "MEP_OPERATOR_BIND_ADDRESS": "127.0.0.1",
                     "MEP_OPERATOR_LOG_LEVEL": "warning"})
         log = open(work / "operator.log", "wb")

@@ -94,14 +94,15 @@ def start_local_stack(cp: ControlPlane, work_dir: Path, hf_home: Path,
 
 
 def helm_install(cp: ControlPlane, *extra: str) -> None:
+    health_port, metrics_port = localcluster.free_ports(2)
     subprocess.run(
         [str(cp.bin_dir / "helm"), "upgrade", "--install", RELEASE, str(CHART),
          "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m",
          "--set-json", 'nodeSelector={"modelendpoint.dev/local-runner":"true"}',
          # The operator's pod runs on the host's network here: free ports for
          # its health and metrics listeners, so nothing else on the machine clashes.
-         "--set", f"healthPort={localcluster.free_port()}",
-         "--set", f"metrics.port={localcluster.free_port()}",
+         "--set", f"healthPort={health_port}",
+         "--set", f"metrics.port={metrics_port}",
          *extra],
         check=True, env=cp.env(), stdout=sys.stderr,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import ctypes
 import datetime
 import ipaddress
@@ -58,10 +59,21 @@ def testbed_bin_dir() -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports.
+
+    The sockets stay bound until all ports are picked, so the kernel cannot
+    hand out the same port twice (two back-to-back ``bind(0)`` calls can).
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 # --- certificates -----------------------------------------------------------
@@ -362,7 +374,8 @@ def start(state_dir: Path, bin_dir: Path | None = None, *, outlive_starter: bool
     state_dir.mkdir(parents=True, exist_ok=True)
     pki = state_dir / "pki"
     write_pki(pki)
-    ports = {k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "kcm", "sched", "kwok")}
+    names = ("etcd", "etcd_peer", "apiserver", "kcm", "sched", "kwok")
+    ports = dict(zip(names, free_ports(len(names))))
     server = f"https://127.0.0.1:{ports['apiserver']}"
     kubeconfig = state_dir / "kubeconfig"
     kubeconfig.write_text(kubeconfig_yaml(server, pki))

@@ -18,20 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localcluster import free_ports
 from waiting import wait_for
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 CRD_FILE = REPO_DIR / "crds" / "modelendpoints.yaml"
 OPERATOR_BIN = Path(sys.executable).parent / "modelendpoint-operator"
 API_VERSION = "serving.modelendpoint.dev/v1alpha1"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Kubectl:
@@ -100,7 +93,7 @@ class OperatorProcess:
     def start(self, *, wait_ready: bool = True) -> "OperatorProcess":
         assert OPERATOR_BIN.exists(), (
             f"{OPERATOR_BIN} is missing; run `make setup` (installs the operator package)")
-        self.metrics_port, self.liveness_port = _free_port(), _free_port()
+        self.metrics_port, self.liveness_port = free_ports(2)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(OPERATOR_BIN)], env=self.env(), stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
+from localcluster import free_ports
 from waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,14 +206,6 @@ def sa_kubeconfig(release: Release, namespace: str, sa_name: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class OperatorProcess:
     """The operator console script with the env the chart rendered, and only the SA's token."""
 
@@ -222,14 +214,14 @@ class OperatorProcess:
         # (The API server drops `value: ""`: an entry without value or valueFrom is empty.)
         env = {e["name"]: e.get("value", "") for e in container["env"] if "valueFrom" not in e}
         self.chart_env = dict(env)
-        self.liveness_port = free_port()
+        self.liveness_port, metrics_port = free_ports(2)
         env.update({
             "PATH": os.environ["PATH"], "HOME": str(release.tmp), "KUBECONFIG": str(kubeconfig),
             "POD_ID": identity,  # the downward API's job in the pod: kopf's peering identity
             # Free loopback ports instead of the pod's (several processes share this host).
             "MEP_OPERATOR_BIND_ADDRESS": "127.0.0.1",
             "MEP_OPERATOR_LIVENESS_PORT": str(self.liveness_port),
-            "MEP_OPERATOR_METRICS_PORT": str(free_port()),
+            "MEP_OPERATOR_METRICS_PORT": str(metrics_port),
         })
         self.log_path = release.tmp / f"operator-{identity}.log"
         self.log = open(self.log_path, "wb")

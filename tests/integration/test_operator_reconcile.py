@@ -218,6 +218,12 @@ def test_minimal_spec_defaults(kubectl: Kubectl, namespace: str) -> None:
     assert kubectl.list("pvc", namespace) == []
 
 
+def deployment_version_and_status(kubectl: Kubectl, namespace: str, name: str) -> tuple[str, dict]:
+    """The Deployment's resourceVersion and status, from one read."""
+    deployment = kubectl.get("deployment", name, namespace)
+    return deployment["metadata"]["resourceVersion"], deployment["status"]
+
+
 def test_update_rolls_and_noop_changes_nothing(kubectl: Kubectl, namespace: str,
                                                operator) -> None:
     kubectl.apply(mep("roll", namespace, model="m/one", gpus=1, ingress={"enabled": True}))
@@ -225,7 +231,7 @@ def test_update_rolls_and_noop_changes_nothing(kubectl: Kubectl, namespace: str,
     before = children_versions(kubectl, namespace, "roll")
     assert set(before) == {"Deployment/roll", "Service/roll", "Ingress/roll"}
     writes = operator_writes(kubectl, namespace, "roll")
-    deploy_status = kubectl.get("deployment", "roll", namespace)["status"]
+    deployment_before = deployment_version_and_status(kubectl, namespace, "roll")
 
     # Reconciling an unchanged spec (an annotation change triggers kopf's update handler)
     # leaves every child's resourceVersion as it was.
@@ -236,10 +242,15 @@ def test_update_rolls_and_noop_changes_nothing(kubectl: Kubectl, namespace: str,
         'modelendpoint_operator_reconciles_total{result="ok",trigger="update"}', 0) > count,
         timeout=30, what="the operator to count one more successful update reconcile")
     assert operator_writes(kubectl, namespace, "roll") == writes
-    if kubectl.get("deployment", "roll", namespace)["status"] == deploy_status:
-        # (The Deployment's resourceVersion also moves when its controller updates its
-        # status, e.g. a kwok node heartbeat blip: only compared when that didn't happen.)
-        assert children_versions(kubectl, namespace, "roll") == before
+    after = children_versions(kubectl, namespace, "roll")
+    assert {k: v for k, v in after.items() if k != "Deployment/roll"} == {
+        k: v for k, v in before.items() if k != "Deployment/roll"}
+    # The Deployment's resourceVersion also moves when its controller updates its
+    # status (e.g. a kwok node heartbeat blip): compared only when that didn't happen,
+    # each version read together with its status.
+    version, status = deployment_version_and_status(kubectl, namespace, "roll")
+    if status == deployment_before[1]:
+        assert version == deployment_before[0]
 
     # A spec change rolls the Deployment: new generation, new ReplicaSet, Ready again.
     old_gen = kubectl.get("deployment", "roll", namespace)["metadata"]["generation"]
@@ -320,9 +331,10 @@ def test_more_gpus_than_any_node_is_degraded(kubectl: Kubectl, namespace: str) -
     assert conditions["Degraded"]["status"] == "True"
     assert conditions["Degraded"]["reason"] == "Unschedulable"
     assert conditions["Ready"]["status"] == "False"
-    events = kubectl.list("events", namespace)
-    assert any(e["reason"] == "Degraded" and e["type"] == "Warning"
-               and e["involvedObject"]["name"] == "huge" for e in events)
+    # kopf posts Events from a background queue, after the status patch.
+    wait_for(lambda: any(e["reason"] == "Degraded" and e["type"] == "Warning" and e["involvedObject"]["name"] == "huge"
+                         for e in kubectl.list("events", namespace)),
+             timeout=30, what="a Degraded warning Event for huge")  # fmt: skip
 
 
 def test_unbound_cache_claim_is_degraded_with_the_schedulers_reason(

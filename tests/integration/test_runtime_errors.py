@@ -82,7 +82,7 @@ def test_all_route_prefixes_behave_the_same(runtime_server):
         r = httpx.get(runtime_server.root_url + prefix + "/models", headers=h)
         assert r.status_code == 200
         assert [m["id"] for m in r.json()["data"]] == [runtime_server.model]
-        r = httpx.post(runtime_server.root_url + prefix + "/completions", headers=h,
+        r = httpx.post(runtime_server.root_url + prefix + "/completions", headers=h, timeout=60,
                        json={"model": runtime_server.model, "prompt": "Hi", "max_tokens": 1})  # fmt: skip
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
 

@@ -126,7 +126,7 @@ def _node() -> str:
 def _run_node(script: Path, server, extra_env: dict | None = None) -> dict:
     env = dict(os.environ, RUNTIME_BASE_URL=server.base_url, RUNTIME_API_KEY=server.api_key, RUNTIME_MODEL=server.model)
     env.update(extra_env or {})
-    proc = subprocess.run([_node(), str(script)], capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run([_node(), str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
