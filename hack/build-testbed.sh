@@ -19,6 +19,37 @@ ldflags="-s -w"
 
 step() { echo "==> $*" >&2; }
 
+# How often a long build reports progress (seconds); tests make it short.
+progress_every="${MEP_BUILD_PROGRESS_SECONDS:-30}"
+
+elapsed() { printf '%dm%02ds' $(( (SECONDS - $1) / 60 )) $(( (SECONDS - $1) % 60 )); }
+
+# Summarizes `go build -v` output (one import path per package compiled) read on
+# stdin: a line every $progress_every seconds with the count, the elapsed time
+# and the latest package, also while go is silent (downloading modules, linking),
+# so a 10-25 minute cold build is visibly moving. Anything else go prints
+# (compile errors) passes through unchanged.
+go_build_progress() {
+  local total="$1" start=$SECONDS n=0 last="(downloading modules)" line rc
+  local next=$((SECONDS + progress_every))
+  while :; do
+    if IFS= read -r -t "$progress_every" line; then
+      case "$line" in
+        *" "* | *:* | "") echo "$line" >&2 ;;
+        *) n=$((n + 1)); last="$line" ;;
+      esac
+    else
+      rc=$?
+      [ "$rc" -gt 128 ] || break  # > 128: a timeout, go is still working; else end of output
+    fi
+    if [ "$SECONDS" -ge "$next" ]; then
+      step "go build: $n of at most $total packages compiled, $(elapsed "$start") elapsed (latest: $last)"
+      next=$((SECONDS + progress_every))
+    fi
+  done
+  step "go build: $n packages compiled in $(elapsed "$start")"
+}
+
 k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 missing=()
 for c in "${k8s_cmds[@]}"; do [ -x "$bin/$c" ] || missing+=("k8s.io/kubernetes/cmd/$c"); done
@@ -31,7 +62,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   # API server report v0.0.0, which breaks version skew checks (helm, kubectl).
   vpkg=k8s.io/component-base/version
   kv="-X $vpkg.gitVersion=${KUBERNETES_VERSION} -X $vpkg.gitMajor=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v([0-9]+).*/\1/') -X $vpkg.gitMinor=$(echo "$KUBERNETES_VERSION" | sed -E 's/^v[0-9]+\.([0-9]+).*/\1/') -X $vpkg.gitTreeState=clean"
-  (cd "$here/testbed/kubernetes" && go build -ldflags "$ldflags $kv -X k8s.io/client-go/pkg/version.gitVersion=${KUBERNETES_VERSION}" -o "$tmp/" "${missing[@]}")
+  step "resolving the packages to build (downloads the Go modules on a cold cache)"
+  start=$SECONDS
+  total="$(cd "$here/testbed/kubernetes" && go list -deps "${missing[@]}" | wc -l)"
+  step "$total packages to compile at most (cached ones are skipped); resolved in $(elapsed "$start")"
+  (cd "$here/testbed/kubernetes" && go build -v -ldflags "$ldflags $kv -X k8s.io/client-go/pkg/version.gitVersion=${KUBERNETES_VERSION}" -o "$tmp/" "${missing[@]}" 2>&1) \
+    | go_build_progress "$total"
   mv "$tmp"/* "$bin/" && rmdir "$tmp"
 fi
 

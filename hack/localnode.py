@@ -12,7 +12,12 @@ and for every pod bound to it:
   process there (``HOST``), so replicas don't collide on a port;
 - reports phase, pod IP and readiness to the API server from the pod's own
   readiness probe, so the real endpoint-slice controller fills the Service;
-- on deletion sends SIGTERM, waits the pod's grace period, then removes the pod.
+  it compares with the pod's status as the API server has it, not with its own
+  last write, so a status changed by someone else (the node controller marking
+  the pod NotReady) is put right on the next sync;
+- on deletion sends SIGTERM, and removes the pod once the process has exited
+  or, after the pod's grace period, been killed; the sync loop doesn't wait for
+  it, so several pods stop concurrently and the node's heartbeats go on.
 
 What a container image would provide is mapped to this machine (see README):
 an image's entrypoint comes from ``--entrypoint IMAGE=COMMAND``; a volume mount
@@ -102,22 +107,71 @@ class LocalPod:
     process: subprocess.Popen | None = None
     restarts: int = 0
     ready: bool = False
-    reported: str = ""
     started_at: str = field(default_factory=_now)
     next_start: float = 0.0
-    terminating_since: float | None = None
+    # Set once SIGTERM is sent: when SIGKILL follows if the process is still there.
+    kill_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def _condition_states(status: dict) -> dict[str, str]:
+    return {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+
+
+def _container_state(cs: dict) -> tuple:
+    state = cs.get("state") or {}
+    kind = next((k for k, v in state.items() if v), None)
+    reason = (state.get(kind) or {}).get("reason") if kind == "waiting" else None
+    return (cs.get("name"), cs.get("ready"), cs.get("started"), cs.get("restartCount"), kind, reason)
+
+
+def status_differs(desired: dict, current: dict) -> bool:
+    """Whether the pod's status on the API server (``current``) says something
+    other than what the runner observes (``desired``).
+
+    Only what the runner decides is compared: phase, addresses, condition
+    states and the container's readiness, restarts and state; timestamps and
+    fields the API server fills in are not.
+    """
+    if any(desired.get(k) != current.get(k) for k in ("phase", "podIP", "hostIP")):
+        return True
+    # Only the condition types the runner sets: others (DisruptionTarget, ...) belong
+    # to whoever added them, and a merge patch by type leaves them in place anyway.
+    now = _condition_states(current)
+    if any(now.get(kind) != state for kind, state in _condition_states(desired).items()):
+        return True
+    return ([_container_state(c) for c in desired.get("containerStatuses", [])]
+            != [_container_state(c) for c in current.get("containerStatuses") or []])
+
+
+def with_transition_times(desired: dict, current: dict, now: str) -> dict:
+    """``desired`` with each condition's lastTransitionTime kept from ``current``
+    when its status is unchanged, else ``now`` (what the time means in Kubernetes)."""
+    before = {c.get("type"): c for c in current.get("conditions") or []}
+    for c in desired["conditions"]:
+        old = before.get(c["type"])
+        c["lastTransitionTime"] = (old.get("lastTransitionTime") if old and old.get("status") == c["status"]
+                                   and old.get("lastTransitionTime") else now)
+    return desired
 
 
 class LocalNode:
     def __init__(self, entrypoints: dict[str, list[str]], work_dir: Path, hf_home: Path,
-                 extra_env: dict[str, str]):
-        self.core = client.CoreV1Api()
-        self.coordination = client.CoordinationV1Api()
+                 extra_env: dict[str, str], core=None, coordination=None, clock=time.monotonic):
+        # ``core``, ``coordination`` and ``clock`` are seams for the unit tests.
+        self.core = core or client.CoreV1Api()
+        self.coordination = coordination or client.CoordinationV1Api()
+        self.clock = clock
         self.entrypoints = entrypoints
         self.work_dir = work_dir
         self.hf_home = hf_home
         self.extra_env = extra_env
         self.pods: dict[str, LocalPod] = {}
+        # Pods gone from the API server whose processes are still stopping.
+        self.orphans: dict[str, LocalPod] = {}
         self._ips = (f"127.0.1.{n}" for n in itertools.count(2))
         self._stop = threading.Event()
 
@@ -182,11 +236,26 @@ class LocalNode:
         return base64.b64decode(data).decode()
 
     def _configmap_value(self, ns: str, ref: dict) -> str | None:
-        cm = self.core.read_namespaced_config_map(ref["name"], ns)
+        try:
+            cm = self.core.read_namespaced_config_map(ref["name"], ns)
+        except ApiException as exc:
+            if exc.status == 404 and ref.get("optional"):
+                return None
+            raise
         value = (cm.data or {}).get(ref["key"])
         if value is None and not ref.get("optional"):
             raise LookupError(f"configmap {ns}/{ref['name']} has no key {ref['key']!r}")
         return value
+
+    @staticmethod
+    def _optional_read(read, ref: dict, ns: str):
+        """``read(name, ns)``, or None for a missing object that ``ref`` marks optional."""
+        try:
+            return read(ref["name"], ns)
+        except ApiException as exc:
+            if exc.status == 404 and ref.get("optional"):
+                return None
+            raise
 
     def pod_env(self, pod: dict, container: dict, local: LocalPod) -> dict[str, str]:
         ns = pod["metadata"]["namespace"]
@@ -194,11 +263,12 @@ class LocalNode:
         for source in container.get("envFrom", []):
             prefix = source.get("prefix", "")
             if "secretRef" in source:
-                s = self.core.read_namespaced_secret(source["secretRef"]["name"], ns)
-                env.update({prefix + k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()})
+                s = self._optional_read(self.core.read_namespaced_secret, source["secretRef"], ns)
+                env.update({prefix + k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()}
+                           if s else {})
             if "configMapRef" in source:
-                cm = self.core.read_namespaced_config_map(source["configMapRef"]["name"], ns)
-                env.update({prefix + k: v for k, v in (cm.data or {}).items()})
+                cm = self._optional_read(self.core.read_namespaced_config_map, source["configMapRef"], ns)
+                env.update({prefix + k: v for k, v in (cm.data or {}).items()} if cm else {})
         fields = {
             "metadata.name": pod["metadata"]["name"],
             "metadata.namespace": ns,
@@ -298,7 +368,7 @@ class LocalNode:
     def probe_ready(self, pod: dict, local: LocalPod) -> bool:
         container = pod["spec"]["containers"][0]
         probe = container.get("readinessProbe", {}).get("httpGet")
-        if local.process is None or local.process.poll() is not None:
+        if not local.running:
             return False
         if not probe:
             return True
@@ -311,18 +381,19 @@ class LocalNode:
         except Exception:  # noqa: BLE001 - any failure is "not ready"
             return False
 
-    def report(self, pod: dict, local: LocalPod) -> None:
-        running = local.process is not None and local.process.poll() is None
+    def desired_status(self, pod: dict, local: LocalPod) -> dict:
+        """The pod status the runner observes now."""
+        running = local.running
         container = pod["spec"]["containers"][0]
         state = ({"running": {"startedAt": local.started_at}} if running else
                  {"waiting": {"reason": "CrashLoopBackOff" if local.restarts else "ContainerCreating"}})
         ready = "True" if local.ready else "False"
-        status = {
+        return {
             "phase": "Running" if running else "Pending",
             "hostIP": "127.0.0.1",
             "podIP": local.ip,
             "podIPs": [{"ip": local.ip}],
-            "startTime": pod["status"].get("startTime") or _now(),
+            "startTime": (pod.get("status") or {}).get("startTime") or _now(),
             "conditions": [
                 {"type": "PodScheduled", "status": "True"},
                 {"type": "Initialized", "status": "True"},
@@ -335,24 +406,51 @@ class LocalNode:
                 "state": state,
             }],
         }
-        key = json.dumps(status, sort_keys=True)
-        if key == local.reported:
-            return
-        now = _now()
-        for c in status["conditions"]:
-            c["lastTransitionTime"] = now
-        self.core.patch_namespaced_pod_status(local.name, local.namespace, {"status": status})
-        local.reported = key
 
-    def stop_process(self, local: LocalPod, grace: float) -> None:
-        if local.process is None or local.process.poll() is not None:
+    def report(self, pod: dict, local: LocalPod) -> None:
+        """Patch the pod's status when the API server's copy (``pod``, as just
+        listed) differs from what the runner observes. Comparing with the API
+        server rather than with the runner's own last write puts right a
+        status someone else changed meanwhile."""
+        current = pod.get("status") or {}
+        desired = self.desired_status(pod, local)
+        if not status_differs(desired, current):
             return
-        os.killpg(local.process.pid, signal.SIGTERM)
+        desired = with_transition_times(desired, current, _now())
+        self.core.patch_namespaced_pod_status(local.name, local.namespace, {"status": desired})
+
+    def begin_stop(self, local: LocalPod, grace: float) -> None:
+        """SIGTERM the pod's process group at once (preStop hooks are not run)
+        and note when SIGKILL is due; doesn't wait, so the sync loop goes on."""
+        if local.kill_at is not None:
+            return
+        local.kill_at = self.clock() + grace
+        if local.running:
+            try:
+                os.killpg(local.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def finish_stop(self, local: LocalPod) -> bool:
+        """Whether the stopping pod's process is gone; SIGKILLs it once its grace is over."""
+        if not local.running:
+            return True
+        if self.clock() < (local.kill_at or 0):
+            return False
         try:
-            local.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
             os.killpg(local.process.pid, signal.SIGKILL)
-            local.process.wait()
+        except ProcessLookupError:
+            pass
+        local.process.wait()
+        return True
+
+    def stop_all(self, grace: float) -> None:
+        """Stop every pod's process at once, waiting at most ``grace`` (plus SIGKILL) overall."""
+        stopping = list(self.pods.values()) + list(self.orphans.values())
+        for local in stopping:
+            self.begin_stop(local, grace)
+        while not all([self.finish_stop(local) for local in stopping]):
+            time.sleep(0.1)
 
     def sync_once(self) -> None:
         pods = self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE_NAME}")
@@ -366,36 +464,49 @@ class LocalNode:
                 local = self.pods[uid] = LocalPod(uid, pod["metadata"]["namespace"],
                                                   pod["metadata"]["name"], next(self._ips))
             if pod["metadata"].get("deletionTimestamp"):
-                grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
-                log.info("stopping %s/%s (grace %ss)", local.namespace, local.name, grace)
-                self.stop_process(local, grace)
-                try:
-                    self.core.delete_namespaced_pod(local.name, local.namespace, grace_period_seconds=0)
-                except ApiException as exc:
-                    if exc.status != 404:
-                        raise
-                self.pods.pop(uid, None)
+                self._sync_deleting(pod, local)
                 continue
-            if local.process is None or local.process.poll() is not None:
+            if not local.running:
                 if local.process is not None:
                     local.restarts += 1
                     local.process = None
-                    local.next_start = time.monotonic() + min(5 * local.restarts, 60)
+                    local.next_start = self.clock() + min(5 * local.restarts, 60)
                     log.warning("%s/%s exited; restarting (restart %d)", local.namespace, local.name,
                                 local.restarts)
-                if time.monotonic() >= local.next_start:
+                if self.clock() >= local.next_start:
                     try:
                         self.start_container(pod, local)
                     except Exception as exc:  # noqa: BLE001 - reported, retried with backoff
                         log.error("cannot start %s/%s: %s", local.namespace, local.name, exc)
                         local.restarts += 1
-                        local.next_start = time.monotonic() + min(5 * local.restarts, 60)
+                        local.next_start = self.clock() + min(5 * local.restarts, 60)
             local.ready = self.probe_ready(pod, local)
             self.report(pod, local)
         for uid in set(self.pods) - seen:
-            local = self.pods.pop(uid)
+            # Gone from the API server without passing through deletion here
+            # (force-deleted): stop its process all the same.
+            local = self.orphans[uid] = self.pods.pop(uid)
             log.info("pod %s/%s is gone; stopping its process", local.namespace, local.name)
-            self.stop_process(local, 10)
+            self.begin_stop(local, 10)
+        for uid, local in list(self.orphans.items()):
+            if self.finish_stop(local):
+                del self.orphans[uid]
+
+    def _sync_deleting(self, pod: dict, local: LocalPod) -> None:
+        """One step of a pod's deletion: SIGTERM first, then on later syncs
+        remove the pod once its process has gone (SIGKILL after the grace)."""
+        if local.kill_at is None:
+            grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
+            log.info("stopping %s/%s (grace %ss)", local.namespace, local.name, grace)
+            self.begin_stop(local, grace)
+        if not self.finish_stop(local):
+            return
+        try:
+            self.core.delete_namespaced_pod(local.name, local.namespace, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        self.pods.pop(local.uid, None)
 
     def run(self) -> None:
         self.register()
@@ -409,8 +520,7 @@ class LocalNode:
             except Exception as exc:  # noqa: BLE001 - the API server may be briefly away
                 log.warning("sync failed: %s", exc)
             self._stop.wait(1.0)
-        for local in list(self.pods.values()):
-            self.stop_process(local, 15)
+        self.stop_all(15)
 
     def stop(self) -> None:
         self._stop.set()

@@ -23,7 +23,8 @@ def e2e_cluster(testbed_bin: Path, embedded_model_dir: Path, tmp_path_factory: p
     stack = None
     try:
         stack = dev.start_local_stack(cp, state, embedded_model.hf_home())
-        dev.helm_install(cp)
+        stack.wait_listening()
+        dev.helm_install(cp, check_alive=stack.check_alive)
         yield cp, stack
     finally:
         if stack:

@@ -8,7 +8,9 @@ Service the operator created, with the official OpenAI Python SDK.
 from __future__ import annotations
 
 import json
+import os
 import socket
+from pathlib import Path
 
 import pytest
 import yaml
@@ -39,6 +41,49 @@ def _listening(ip: str, port: int = 8000) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex((ip, port)) == 0
+
+
+def _proc_entries():
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            yield int(entry.name), entry
+
+
+def _runtime_pids(ips: set[str]) -> dict[str, int]:
+    """Pod IP → PID of the runtime process the local node started for that pod.
+
+    Found in /proc: a ``modelendpoint-runtime`` process whose environment binds
+    ``HOST`` to the pod's IP and which leads its own process group (the local
+    node starts each container in a new session; the engine's workers share
+    the group but don't lead it).
+    """
+    found: dict[str, int] = {}
+    for pid, entry in _proc_entries():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            pgid = os.getpgid(pid)
+        except (OSError, ProcessLookupError):
+            continue
+        if pid != pgid or b"modelendpoint-runtime" not in cmdline:
+            continue
+        for ip in ips:
+            if f"HOST={ip}".encode() in environ:
+                found[ip] = pid
+    return found
+
+
+def _live_members(pgids: set[int]) -> set[int]:
+    """Processes, other than zombies, still in any of the process groups ``pgids``."""
+    alive = set()
+    for pid, entry in _proc_entries():
+        try:
+            state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(pgrp) in pgids and state != "Z":
+            alive.add(pid)
+    return alive
 
 
 def test_modelendpoint_serves_through_ingress_scales_and_goes_away(e2e_cluster):
@@ -88,7 +133,12 @@ def test_modelendpoint_serves_through_ingress_scales_and_goes_away(e2e_cluster):
 
     ips = _runtime_pod_ips(cp, name, ns)
     assert len(ips) == 2 and all(_listening(ip) for ip in ips)
+    pids = _runtime_pids(ips)
+    assert set(pids) == ips, f"runtime processes found by pod IP: {pids}"
     cp.kubectl("delete", f"modelendpoint/{name}", "-n", ns, "--wait=true")
     wait_for(lambda: not any(_listening(ip) for ip in ips), timeout=180,
-             what="the runtime processes to stop", interval=1)
+             what="the runtime processes to stop listening", interval=1)
+    # Gone by PID, the engine's worker processes in their groups included.
+    wait_for(lambda: not _live_members(set(pids.values())), timeout=60,
+             what=f"the runtime processes {sorted(pids.values())} and their children to exit", interval=1)
     wait_for(lambda: not _runtime_pod_ips(cp, name, ns), timeout=60, what="the pods to be gone")

@@ -309,13 +309,21 @@ def test_operator_reconciles_with_only_the_service_account_token(release):
     whoami = subprocess.run([str(cp.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}", "auth",
                              "whoami", "-o", "json"], capture_output=True, text=True, check=True)
     assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == SA
-    # The token can do nothing an admin can: e.g. read Secrets in an unwatched namespace.
-    denied = subprocess.run([str(cp.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}", "get",
-                             "secrets", "-n", UNWATCHED_NS], capture_output=True, text=True)
-    assert denied.returncode != 0 and "Forbidden" in denied.stderr
+    # Its reach ends at the watched namespace: the same Secret, by name, is readable
+    # where the operator watches and forbidden where it doesn't. (Listing Secrets is
+    # forbidden everywhere, so `get secrets` alone would not show the namespace scoping.)
+    for ns in (WATCHED_NS, UNWATCHED_NS):
+        cp.kubectl("create", "secret", "generic", "api-keys", "-n", ns, "--from-literal=api-key=k1")
 
-    cp.kubectl("create", "secret", "generic", "api-keys", "-n", WATCHED_NS,
-               "--from-literal=api-key=k1")
+    def get_secret_as_sa(ns: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(cp.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}", "get",
+                               "secret", "api-keys", "-n", ns, "-o", "name"], capture_output=True, text=True)
+
+    allowed = get_secret_as_sa(WATCHED_NS)
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "secret/api-keys", allowed.stderr
+    denied = get_secret_as_sa(UNWATCHED_NS)
+    assert denied.returncode != 0 and "Forbidden" in denied.stderr
+    assert f'in the namespace "{UNWATCHED_NS}"' in denied.stderr, denied.stderr
     op = OperatorProcess(release, kubeconfig, identity="chart-rbac-test")
     assert op.chart_env["MEP_OPERATOR_NAMESPACES"] == WATCHED_NS
     assert op.chart_env["MEP_OPERATOR_DEFAULT_RUNTIME_IMAGE"] == RUNTIME_IMAGE

@@ -38,6 +38,7 @@ def helm(testbed_bin: Path, *args: str) -> subprocess.CompletedProcess:
         ("metrics.serviceMonitor.enable=true", "'enable'"),
         ("serviceAccount.annotation.a=b", "'annotation'"),
         ("podDisruptionBudget.maxUnavailable=1", "'maxUnavailable'"),
+        ("resources.claims[0].nam=x", "'nam'"),  # inside an array's items
     ],
 )
 def test_a_mistyped_key_fails_naming_it(testbed_bin, set_arg, named):
@@ -61,12 +62,26 @@ def test_a_mistyped_key_fails_naming_it(testbed_bin, set_arg, named):
         ("metrics.port=70000", "/metrics/port"),
         ("podSecurityContext.runAsUser=-1", "/podSecurityContext/runAsUser"),
         ("resources.limits.memory=lots", "/resources/limits/memory"),
+        # Anchored on both alternatives: "Bad_Name" must not pass by its valid tail "ame".
+        ("peering.name=Bad_Name", "/peering/name"),
+        ("serviceAccount.name=Bad_Name", "/serviceAccount/name"),
+        ("serviceAccount.name=ok-name-", "/serviceAccount/name"),
     ],
 )
 def test_a_wrong_value_fails_naming_its_path(testbed_bin, set_arg, where):
     result = helm(testbed_bin, "template", "r", str(CHART), "--set", set_arg)
     assert result.returncode != 0, f"helm template accepted --set {set_arg}"
     assert f"at '{where}'" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("set_arg", [
+    "peering.name=my-operator.peering", "serviceAccount.name=mep-operator", "serviceAccount.name=",
+    "resources.claims[0].name=gpu", "resources.claims[0].request=gpu-large",
+])
+def test_valid_values_still_pass(testbed_bin, set_arg):
+    extra = ["--set", "resources.claims[0].name=gpu"] if "request" in set_arg else []
+    result = helm(testbed_bin, "template", "r", str(CHART), "--set", set_arg, *extra)
+    assert result.returncode == 0, result.stderr
 
 
 def _object_schemas(node, path="$"):
@@ -80,6 +95,17 @@ def _object_schemas(node, path="$"):
             yield from _object_schemas(child, f"{path}[{i}]")
 
 
+def _array_schemas(node, path="$"):
+    if isinstance(node, dict):
+        if node.get("type") == "array":
+            yield path, node
+        for key, child in node.items():
+            yield from _array_schemas(child, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            yield from _array_schemas(child, f"{path}[{i}]")
+
+
 def test_every_object_level_of_the_schema_is_closed():
     # Closed: additionalProperties false, or a typed map (labels, annotations, nodeSelector:
     # string values). Open only where the value is an arbitrary Kubernetes sub-object.
@@ -91,6 +117,9 @@ def test_every_object_level_of_the_schema_is_closed():
         "$.properties.affinity.properties.podAntiAffinity",
     }
     checked = 0
+    for path, node in _array_schemas(SCHEMA):
+        # An array without an items schema accepts anything in it (claims[0].nam=x).
+        assert isinstance(node.get("items"), dict) and node["items"].get("type"), f"{path} has no items schema"
     for path, node in _object_schemas(SCHEMA):
         if path in open_on_purpose:
             continue
@@ -98,6 +127,7 @@ def test_every_object_level_of_the_schema_is_closed():
         assert extra is False or (isinstance(extra, dict) and extra.get("type") == "string"), path
         checked += 1
     assert checked > 20
+    assert "$.properties.resources.properties.claims.items" in dict(_object_schemas(SCHEMA))
 
 
 def _schema_keys(schema: dict, prefix: str = "") -> set[str]:
