@@ -239,6 +239,12 @@ def main() -> int:
             for line in f:
                 if line.startswith("VmHWM:"):
                     peak_rss = max(peak_rss, int(line.split()[1]))
+        # kopf posts the operator's Events (phase transitions) from a background queue:
+        # counted once the status traffic settled. Only the operator posts Events about
+        # ModelEndpoints, and it posts each with one POST (one Event object).
+        about_meps = f"involvedObject.kind=ModelEndpoint,involvedObject.apiVersion={GROUP}/{VERSION}"
+        kopf_events = sum(len(core.list_namespaced_event(ns, field_selector=about_meps).items)
+                          for ns in namespaces)
         phases: dict[str, int] = {}
         for ns in namespaces:
             for item in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
@@ -252,6 +258,7 @@ def main() -> int:
             "peak_rss_mib": peak_rss / 1024,
             "reconciler_requests_per_object": requests / args.count,
             "kopf_patches_per_object": kopf_patches / args.count,
+            "kopf_events_per_object": kopf_events / args.count,
             "phases": phases,
         }
         print(json.dumps(result, indent=2))
@@ -294,6 +301,8 @@ def render(r: dict, cmd: str) -> str:
     except OSError:
         pass
     phases = ", ".join(f"{k} {v}" for k, v in sorted(r["phases"].items()))
+    all_requests = (r["reconciler_requests_per_object"] + r["kopf_patches_per_object"]
+                    + r["kopf_events_per_object"])
     return f"""## Operator: {r['count']:,} ModelEndpoints across {r['namespaces']} namespaces
 
 Command: {cmd}.
@@ -317,16 +326,22 @@ the time per object counts from the ModelEndpoint's creation.
 | under {TARGET_PEAK_MIB:.0f} MiB | {_met(r['peak_rss_mib'] < TARGET_PEAK_MIB)} |
 | API requests of the reconciler per object | {r['reconciler_requests_per_object']:.2f} | | |
 | kopf's own PATCHes of ModelEndpoints per object | {r['kopf_patches_per_object']:.2f} | | |
+| Event POSTs (phase transitions, posted by kopf) per object | {r['kopf_events_per_object']:.2f} | | |
+| All of the above: API requests per object | {all_requests:.2f} | | |
 
 Phases when converged: {phases} (kwok runs the pods; status keeps following them).
 
-The reconciler's requests are counted by its own metric
-`modelendpoint_operator_api_requests_total` (server-side applies of the children,
-status patches, Secret reads); kopf's bookkeeping patches (handler progress and
-last-handled configuration annotations) are the API server's
-`apiserver_request_total` for PATCH on `modelendpoints`, which only the operator
-sends here. kopf's watch streams (one per resource kind, not per object) are not
-counted.
+What is counted, from the first create until every object converged (Events: 5 s
+later, as kopf posts them from a background queue):
+the reconciler's requests by its own metric `modelendpoint_operator_api_requests_total`
+(server-side applies of the children, status patches, Secret reads, and any GETs and
+deletes); kopf's bookkeeping patches (handler progress and last-handled configuration
+annotations) by the API server's `apiserver_request_total` for PATCH on
+`modelendpoints`, which only the operator sends here; the Events about ModelEndpoints,
+which only the operator posts, one POST each, counted as the Event objects in the
+namespaces. Not counted: the watch streams and their initial LISTs (one per resource
+kind, not per object), kopf's peering keep-alives (a PATCH of the peering object
+per period, not per object), and the requests before the first create.
 
 Machine: {cpus} CPUs, {mem}, {platform.python_implementation()} {platform.python_version()},
 measured {datetime.date.today().isoformat()}; the machine was shared with other work,

@@ -11,6 +11,9 @@ Triggers (see docs/operator.md, "Watching children"):
   also refresh the owner's status.
 - Runtime pods (same label): refresh the owner's status (scheduling failures,
   image pull errors, crash loops).
+- A restore or status refresh that fails with a transient error is retried by
+  the operator's retry loop with the same backoff (kopf never retries event
+  handlers, and its timers would add a finalizer to every ModelEndpoint).
 
 kopf indexes keep the latest ModelEndpoints, Deployments, children and pods
 in memory, so status refreshes read nothing from the API server.
@@ -19,6 +22,7 @@ in memory, so status refreshes read nothing from the API server.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,8 +52,25 @@ class SpecFailure(Exception):
 
 
 @dataclass
+class Retry:
+    """Work an event handler could not finish (a transient error), due again at ``due``."""
+
+    due: float  # time.monotonic()
+    attempt: int
+    full: bool  # True: reconcile (restore children); False: refresh the status only
+    logger: logging.Logger  # the object's logger (kopf's, with the object in JSON logs)
+    # The context of the kopf handler that failed: kopf.event() needs kopf's context
+    # variables (its Event queue), which a task of our own would not have.
+    context: contextvars.Context
+
+
+@dataclass
 class State:
-    """Per-process memory (kopf's ``memo.state``)."""
+    """Per-process memory (kopf's ``memo.state``).
+
+    Every per-object entry is dropped when its object is deleted (``endpoint_event``,
+    ``child_event``), so a long-running operator does not accumulate them.
+    """
 
     settings: OperatorSettings
     kube: k8s.Kube | None = None
@@ -59,6 +80,14 @@ class State:
     applied: dict[str, int] = field(default_factory=dict)
     # uid of the ModelEndpoint -> the status we last wrote (fresher than the index).
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # uid of the ModelEndpoint -> the generation whose children were last applied
+    # successfully: status refreshes report it as observedGeneration.
+    generations: dict[str, int] = field(default_factory=dict)
+    # ModelEndpoints whose restore or status refresh failed transiently: retried by
+    # the retry loop (kopf does not retry event handlers).
+    pending: dict[Key, Retry] = field(default_factory=dict)
+    views: "Views | None" = None  # kopf's (live) indexes, for the retry loop
+    retry_task: asyncio.Task | None = None
 
     def lock(self, key: Key) -> asyncio.Lock:
         if key not in self.locks:
@@ -191,6 +220,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     if ours.peering_create and not ours.standalone:
         await state.kube.ensure_peering(ours.peering_name, ours.namespace_list)
     metrics.serve(ours.metrics_port, ours.bind_address)
+    state.retry_task = asyncio.create_task(_retry_loop(state, logger))
     logger.info("operator started: watching %s; default runtime image %s",
                 "all namespaces" if ours.clusterwide else ",".join(ours.namespace_list),
                 ours.default_runtime_image)
@@ -199,6 +229,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
+    if state.retry_task is not None:
+        state.retry_task.cancel()
     if state.kube is not None:
         await state.kube.close()
 
@@ -209,6 +241,16 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 def _controlled_by(obj: dict, uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller")
                for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _ours(obj: dict, uid: str) -> bool:
+    """A child of the ModelEndpoint ``uid``: controlled by it, or, when someone removed
+    its controller ownerReference by hand, written by our field manager (its
+    managedFields say so). A same-named object of someone else is neither."""
+    meta = obj.get("metadata") or {}
+    if any(ref.get("controller") for ref in meta.get("ownerReferences") or []):
+        return _controlled_by(obj, uid)
+    return any(f.get("manager") == c.FIELD_MANAGER for f in meta.get("managedFields") or [])
 
 
 def _remember(state: State, obj: dict) -> None:
@@ -222,22 +264,28 @@ def _remember(state: State, obj: dict) -> None:
 def _drifted(state: State, owner: dict, obj: dict) -> bool:
     """A child event shows a change we didn't make.
 
-    Deployments: its spec generation differs from the one our last apply left
-    (an unknown Deployment, after a restart, is learnt: resume re-applies).
-    Other children: a field we set has another value in the live object.
+    Every child: a label, annotation or the ownerReference we set is changed or gone
+    (these edits move no generation). Deployments: also its spec generation differs
+    from the one our last apply left (an unknown Deployment, after a restart, is
+    learnt: resume re-applies); comparing the generation, not the fields, keeps the
+    frequent Deployment status events cheap. Other children: a field we set has
+    another value in the live object.
     """
     meta = obj.get("metadata") or {}
-    if obj.get("kind") == "Deployment":
+    kind = obj.get("kind")
+    if kind == "Deployment":
         generation = int(meta.get("generation") or 0)
         known = state.applied.get(meta.get("uid"))
         if known is None:
             state.applied[meta.get("uid")] = generation
-            return False
-        return generation > known  # older generations are stale events from before our apply
-    desired = manifests.children(owner, state.settings).get(obj.get("kind"))
+        elif generation > known:  # older generations are stale events from before our apply
+            return True
+    desired = manifests.children(owner, state.settings).get(kind)
     if desired is None or desired["metadata"]["name"] != meta.get("name"):
         return False  # not wanted any more: the next reconcile deletes it
-    return manifests.differs(desired, obj)
+    if manifests.metadata_differs(desired, obj):
+        return True
+    return kind != "Deployment" and manifests.differs(desired, obj)
 
 
 async def _apply_child(state: State, manifest: dict, owner_uid: str) -> dict:
@@ -251,7 +299,7 @@ async def _apply_child(state: State, manifest: dict, owner_uid: str) -> dict:
             # but only on our own child, never on a same-named object of someone else.
             live = await kube.get(manifest["apiVersion"], kind, manifest["metadata"]["namespace"],
                                   name)
-            if live is None or _controlled_by(live, owner_uid):
+            if live is None or _ours(live, owner_uid):
                 metrics.CHILDREN_RESTORED.labels(kind).inc()
                 return await kube.apply(manifest, force=True)
             raise SpecFailure("NameInUse", f"a {kind} named {name!r} already exists and is not "
@@ -262,7 +310,7 @@ async def _apply_child(state: State, manifest: dict, owner_uid: str) -> dict:
             # re-create, so our own one is replaced whole.
             live = await kube.get(manifest["apiVersion"], kind, manifest["metadata"]["namespace"],
                                   name)
-            if live is not None and _controlled_by(live, owner_uid):
+            if live is not None and _ours(live, owner_uid):
                 await kube.delete(manifest["apiVersion"], kind, manifest["metadata"]["namespace"],
                                   name, live["metadata"]["uid"])
                 metrics.CHILDREN_RESTORED.labels(kind).inc()
@@ -290,12 +338,14 @@ async def _check_secrets(state: State, owner: dict) -> None:
 
 
 async def _write_status(state: State, owner: dict, deployment: dict | None, pods: list[dict],
-                        failure: st.Failure | None, logger: logging.Logger) -> None:
+                        failure: st.Failure | None, logger: logging.Logger,
+                        applied_generation: int | None = None) -> None:
     uid = owner["metadata"]["uid"]
     old = state.written.get(uid) or owner.get("status") or {}
     if (owner.get("status") or {}).get("observedGeneration", -1) > old.get("observedGeneration", -1):
         old = owner["status"]
-    new = st.compute_status(owner, deployment, pods, state.settings, failure)
+    new = st.compute_status(owner, deployment, pods, state.settings, failure,
+                            applied_generation=applied_generation)
     if not st.status_changed(old, new):
         return
     ns, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
@@ -321,8 +371,10 @@ async def reconcile(owner: dict, state: State, views: Views, logger: logging.Log
     ns, name, uid = (owner["metadata"]["namespace"], owner["metadata"]["name"],
                      owner["metadata"]["uid"])
     key = (ns, name)
+    generation = owner["metadata"].get("generation")
     started = time.monotonic()
     result = "ok"
+    doing = "reading the referenced Secrets"
     async with state.lock(key):
         try:
             failure = None
@@ -335,19 +387,24 @@ async def reconcile(owner: dict, state: State, views: Views, logger: logging.Log
                     if manifest is None:
                         for stale in views.children_of(key, kind):
                             meta = stale["metadata"]
+                            doing = f"deleting {kind} {meta['name']}"
                             logger.info("deleting %s %s: no longer in the spec", kind, meta["name"])
                             await state.kube.delete(*_api_version(kind), ns, meta["name"], meta["uid"])
                         continue
+                    doing = f"applying {kind} {manifest['metadata']['name']}"
                     live = await _apply_child(state, manifest, uid)
                     _remember(state, live)
                     if kind == "Deployment":
                         deployment = live
+                if generation is not None:
+                    state.generations[uid] = int(generation)
             except SpecFailure as exc:
                 failure = exc.failure
                 result = "failed"
                 metrics.RECONCILE_ERRORS.labels("permanent").inc()
             if deployment is None:
                 deployment = views.deployment(key)
+            doing = "writing the status"
             await _write_status(state, owner, deployment, views.pods_of(key), failure, logger)
             if failure is not None:
                 raise kopf.PermanentError(failure.message)
@@ -360,16 +417,37 @@ async def reconcile(owner: dict, state: State, views: Views, logger: logging.Log
                 result = "retry"
                 metrics.RECONCILE_ERRORS.labels("temporary").inc()
                 raise kopf.TemporaryError(f"{exc.status} {k8s.error_message(exc)}", delay=5) from None
+            # Neither the spec nor a retry can fix it (401, 404, ...): say so in the status
+            # (phase Failed) and stop retrying, like a spec that cannot work.
             result = "error"
             metrics.RECONCILE_ERRORS.labels("permanent").inc()
-            raise kopf.PermanentError(f"{exc.status} {k8s.error_message(exc)}") from None
-        except (OSError, asyncio.TimeoutError) as exc:
+            failure = st.Failure("APIError", f"the API server answered {exc.status} to {doing}: "
+                                 f"{k8s.error_message(exc)}")
+            try:
+                await _write_failure(state, owner, views, failure, logger)
+            except kopf.TemporaryError:
+                result = "retry"
+                raise
+            raise kopf.PermanentError(failure.message) from None
+        except k8s.TRANSIENT_IO as exc:
             result = "retry"
             metrics.RECONCILE_ERRORS.labels("temporary").inc()
             raise kopf.TemporaryError(f"API unreachable: {exc!r}", delay=5) from None
         finally:
             metrics.RECONCILES.labels(trigger, result).inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+async def _write_failure(state: State, owner: dict, views: Views, failure: st.Failure,
+                         logger: logging.Logger) -> None:
+    """Phase Failed after an API error; if even that write fails, kopf retries the reconcile."""
+    key = (owner["metadata"]["namespace"], owner["metadata"]["name"])
+    try:
+        await _write_status(state, owner, views.deployment(key), views.pods_of(key), failure,
+                            logger)
+    except (ApiException, *k8s.TRANSIENT_IO) as exc:
+        logger.warning("cannot write phase Failed (%s): %r", failure.message, exc)
+        raise kopf.TemporaryError(failure.message, delay=5) from None
 
 
 def _api_version(kind: str) -> tuple[str, str]:
@@ -390,8 +468,10 @@ async def _reconcile_endpoint(body: kopf.Body, memo: kopf.Memo, logger: logging.
         "metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}),
         "status": dict(body.get("status") or {}),
     }
+    state = _state(memo)
+    state.views = Views.of(kwargs)
     try:
-        await reconcile(owner, _state(memo), Views.of(kwargs), logger, trigger)
+        await reconcile(owner, state, state.views, logger, trigger)
     except kopf.TemporaryError as exc:
         raise kopf.TemporaryError(str(exc), delay=_backoff(retry)) from None
 
@@ -419,11 +499,20 @@ async def endpoint_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
                          endpoints_idx: kopf.Index, **_: Any) -> None:
     metrics.ENDPOINTS.set(len(endpoints_idx))
     if type == "DELETED":
-        state = _state(memo)
-        state.written.pop(body["metadata"].get("uid"), None)
-        lock = state.locks.get((body["metadata"].get("namespace"), body["metadata"].get("name")))
-        if lock is not None and not lock.locked():
-            state.locks.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
+        forget_endpoint(_state(memo), body)
+
+
+def forget_endpoint(state: State, body: kopf.Body | dict) -> None:
+    """Drop what this process keeps about a deleted ModelEndpoint (no finalizer needed:
+    the DELETED watch event is enough, and the garbage collector takes the children)."""
+    meta = body["metadata"]
+    key = (meta.get("namespace"), meta.get("name"))
+    state.written.pop(meta.get("uid"), None)
+    state.generations.pop(meta.get("uid"), None)
+    state.pending.pop(key, None)
+    lock = state.locks.get(key)
+    if lock is not None and not lock.locked():
+        state.locks.pop(key, None)
 
 
 # --- children and pods --------------------------------------------------------
@@ -432,14 +521,16 @@ async def endpoint_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
 async def _child_event(event_type: str | None, body: kopf.Body, memo: kopf.Memo,
                        logger: logging.Logger, kwargs: dict) -> None:
     state = _state(memo)
-    views = Views.of(kwargs)
+    views = state.views = Views.of(kwargs)
+    if event_type == "DELETED":
+        state.applied.pop(body["metadata"].get("uid"), None)  # that Deployment is gone for good
     key = _owner_key(body["metadata"].get("namespace"), body["metadata"].get("labels") or {})
     if key is None:
         return
     owner = views.endpoint(key)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return  # the owner is gone or going: the garbage collector takes the children
-    if not _controlled_by(dict(body), owner["metadata"]["uid"]) and event_type != "DELETED":
+    if not _ours(dict(body), owner["metadata"]["uid"]) and event_type != "DELETED":
         return  # a labelled object that isn't this owner's child
     kind = body.get("kind")
     if event_type == "DELETED":
@@ -450,9 +541,11 @@ async def _child_event(event_type: str | None, body: kopf.Body, memo: kopf.Memo,
         # DELETED event may not have reached the index yet: ask the API server.
         try:
             live = await state.kube.get(c.API_VERSION, c.KIND, key[0], key[1])
-        except (ApiException, OSError, asyncio.TimeoutError) as exc:
-            logger.warning("cannot check the owner of %s %s: %s", kind, body["metadata"]["name"],
+        except (ApiException, *k8s.TRANSIENT_IO) as exc:
+            logger.warning("cannot check the owner of %s %s: %s (retrying)", kind,
+                           body["metadata"]["name"],
                            k8s.error_message(exc) if isinstance(exc, ApiException) else repr(exc))
+            _schedule(state, key, logger, full=True)
             return
         if (live is None or live["metadata"].get("uid") != owner["metadata"]["uid"]
                 or live["metadata"].get("deletionTimestamp")):
@@ -464,34 +557,106 @@ async def _child_event(event_type: str | None, body: kopf.Body, memo: kopf.Memo,
                     "deleted" if event_type == "DELETED" else "changed")
         if event_type == "DELETED":
             metrics.CHILDREN_RESTORED.labels(kind).inc()
-            state.applied.pop(body["metadata"].get("uid"), None)
-        try:
-            await reconcile(owner, state, views, logger, "child")
-        except (kopf.TemporaryError, kopf.PermanentError) as exc:
-            logger.warning("restoring %s %s failed: %s", kind, body["metadata"]["name"], exc)
+        await _restore(key, owner, state, views, logger, "child")
         return
     if kind == "Deployment":
         await _refresh_status(key, state, views, logger)
 
 
-async def _refresh_status(key: Key, state: State, views: Views, logger: logging.Logger) -> None:
+async def _restore(key: Key, owner: dict, state: State, views: Views, logger: logging.Logger,
+                   trigger: str, attempt: int = 0) -> None:
+    """Reconcile outside kopf's create/update handlers; a transient failure is retried."""
+    try:
+        await reconcile(owner, state, views, logger, trigger)
+    except kopf.TemporaryError as exc:
+        logger.warning("reconciling %s/%s failed (retrying): %s", key[0], key[1], exc)
+        _schedule(state, key, logger, full=True, attempt=attempt)
+    except kopf.PermanentError as exc:
+        logger.warning("reconciling %s/%s failed: %s", key[0], key[1], exc)  # phase Failed
+
+
+async def _refresh_status(key: Key, state: State, views: Views, logger: logging.Logger,
+                          attempt: int = 0) -> None:
     async with state.lock(key):
         owner = views.endpoint(key)
         if owner is None or owner["metadata"].get("deletionTimestamp"):
             return
-        current = state.written.get(owner["metadata"]["uid"]) or owner.get("status") or {}
+        uid = owner["metadata"]["uid"]
+        current = state.written.get(uid) or owner.get("status") or {}
         if (current.get("phase") == "Failed"
                 and current.get("observedGeneration") == owner["metadata"].get("generation")):
             return  # Failed sticks until the spec changes (the next reconcile decides)
+        # The generation whose children were applied: ours since the start, else the one
+        # the last status reported (after a restart). None: nothing applied yet, so no
+        # status to refresh (the running reconcile writes it).
+        applied = state.generations.get(uid, current.get("observedGeneration"))
+        if applied is None:
+            return
         try:
-            await _write_status(state, owner, views.deployment(key), views.pods_of(key), None, logger)
+            await _write_status(state, owner, views.deployment(key), views.pods_of(key), None,
+                                logger, applied_generation=applied)
         except ApiException as exc:
-            if not k8s.namespace_terminating(exc):
-                logger.warning("status update of %s/%s failed: %s", key[0], key[1],
-                               k8s.error_message(exc))
-        except (OSError, asyncio.TimeoutError) as exc:
-            # The next event of the Deployment or a pod writes it again.
-            logger.warning("status update of %s/%s failed: %r", key[0], key[1], exc)
+            if k8s.namespace_terminating(exc):
+                return
+            logger.warning("status update of %s/%s failed: %s", key[0], key[1],
+                           k8s.error_message(exc))
+            if k8s.is_transient(exc):
+                _schedule(state, key, logger, full=False, attempt=attempt)
+        except k8s.TRANSIENT_IO as exc:
+            logger.warning("status update of %s/%s failed (retrying): %r", key[0], key[1], exc)
+            _schedule(state, key, logger, full=False, attempt=attempt)
+
+
+# --- retries of event handlers ------------------------------------------------
+# kopf retries the create/update/resume handlers (TemporaryError) but never event
+# handlers, and a kopf timer would put a finalizer on every ModelEndpoint. So what a
+# child or pod event could not finish is kept in ``state.pending`` and redone by one
+# loop with the reconcile's backoff (1 s doubling up to 60 s), until it succeeds or
+# the ModelEndpoint is gone. It costs nothing while nothing fails.
+
+
+def _schedule(state: State, key: Key, logger: logging.Logger, *, full: bool,
+              attempt: int = 0) -> None:
+    old = state.pending.get(key)
+    full = full or (old is not None and old.full)
+    state.pending[key] = Retry(time.monotonic() + _backoff(attempt), attempt, full, logger,
+                               contextvars.copy_context())
+
+
+async def _redo(key: Key, item: Retry, state: State, views: Views) -> None:
+    owner = views.endpoint(key)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return  # gone or going: nothing to retry
+    if item.full:
+        await _restore(key, owner, state, views, item.logger, "retry", item.attempt + 1)
+    else:
+        await _refresh_status(key, state, views, item.logger, item.attempt + 1)
+
+
+async def retry_due(state: State, now: float | None = None) -> None:
+    """Redo the pending work that is due (a restore, or a status refresh)."""
+    now = time.monotonic() if now is None else now
+    views = state.views
+    if views is None:
+        return
+    tasks = []
+    for key, item in list(state.pending.items()):
+        if item.due > now:
+            continue
+        del state.pending[key]  # scheduled again if it fails again
+        tasks.append(asyncio.create_task(_redo(key, item, state, views),
+                                         context=item.context.copy()))
+    # Side by side, like kopf's workers; the client's request limit bounds the load.
+    await asyncio.gather(*tasks)
+
+
+async def _retry_loop(state: State, logger: logging.Logger, period: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await retry_due(state)
+        except Exception:  # a bug must not end the loop: the next round tries again
+            logger.exception("retrying failed work")
 
 
 async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
@@ -522,4 +687,6 @@ async def pod_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
                     **kwargs: Any) -> None:
     key = _owner_key(body["metadata"].get("namespace"), body["metadata"].get("labels") or {})
     if key is not None:
-        await _refresh_status(key, _state(memo), Views.of(kwargs), logger)
+        state = _state(memo)
+        state.views = Views.of(kwargs)
+        await _refresh_status(key, state, state.views, logger)

@@ -60,11 +60,16 @@ def path_of(api_version: str, kind: str, namespace: str | None, name: str | None
     return path
 
 
+# Errors of the connection rather than answers of the API server: always worth retrying.
+# aiohttp's own errors (ServerDisconnectedError, ClientPayloadError, ...) are not OSErrors.
+TRANSIENT_IO: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: throttling, server errors, timeouts, lost connections, conflicts."""
     if isinstance(exc, ApiException):
         return exc.status in (0, 408, 409, 429) or (exc.status or 0) >= 500 or exc.status == 403
-    return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError))
+    return isinstance(exc, TRANSIENT_IO)
 
 
 def namespace_terminating(exc: BaseException) -> bool:

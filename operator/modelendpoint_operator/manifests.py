@@ -317,12 +317,15 @@ def pvc(owner: dict[str, Any], settings: OperatorSettings) -> dict[str, Any] | N
     return _owned(obj, owner)
 
 
-# Kinds of children, in apply order (the PVC before the pods that mount it).
+# Kinds of children, in apply order. The Deployment, the only child that starts pods
+# (and takes GPUs), comes last: a spec found unworkable at another child (a name taken
+# by someone else's object, a child the API server rejects) starts no pods. The PVC
+# comes before the pods that mount it.
 CHILD_KINDS: tuple[tuple[str, str], ...] = (
-    ("v1", "PersistentVolumeClaim"),
-    ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("networking.k8s.io/v1", "Ingress"),
+    ("v1", "PersistentVolumeClaim"),
+    ("apps/v1", "Deployment"),
 )
 
 
@@ -389,3 +392,19 @@ def differs(desired: Any, live: Any) -> bool:
     if live is None:
         return desired is not None
     return str(desired) != str(live)
+
+
+def metadata_differs(desired: dict[str, Any], live: dict[str, Any]) -> bool:
+    """True when ``live`` lacks a label, annotation or ownerReference that ``desired`` sets.
+
+    Labels and annotations others add are fine; ownerReferences are compared by
+    uid (others' references are left alone, as server-side apply does).
+    """
+    want = desired.get("metadata") or {}
+    have = live.get("metadata") or {}
+    for field in ("labels", "annotations"):
+        if differs(want.get(field) or {}, have.get(field) or {}):
+            return True
+    refs = {r.get("uid"): r for r in have.get("ownerReferences") or []}
+    return any(differs(ref, refs.get(ref.get("uid"))) for ref in want.get("ownerReferences") or [])
+

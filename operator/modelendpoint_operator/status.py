@@ -177,14 +177,30 @@ def compute_status(
     settings: OperatorSettings,
     failure: Failure | None = None,
     now: str | None = None,
+    applied_generation: int | None = None,
 ) -> dict[str, Any]:
-    """The whole ``status`` of ``owner``; lastTransitionTime moves only when a condition flips."""
+    """The whole ``status`` of ``owner``; lastTransitionTime moves only when a condition flips.
+
+    ``applied_generation``: the spec generation whose children were last applied
+    successfully (None: the current one, as after a successful reconcile). Until the
+    current generation is applied, the status says Progressing and reports that older
+    generation as ``observedGeneration``: clients waiting for
+    ``observedGeneration == metadata.generation`` must not see a status computed from
+    children of an older spec. A Failed verdict is about the current generation.
+    """
     now = now or _now()
     name = owner["metadata"]["name"]
-    generation = int(owner["metadata"].get("generation") or 0)
+    current = int(owner["metadata"].get("generation") or 0)
+    generation = current if applied_generation is None or failure is not None else min(
+        int(applied_generation), current)
     spec = with_defaults(owner.get("spec"))
     previous = (owner.get("status") or {}).get("conditions") or []
     a = assess(owner, deployment, pods, failure)
+    if generation < current:
+        # The new spec's children are not applied yet (its reconcile is running or retrying).
+        a = Assessment("Progressing", "Reconciling",
+                       f"applying generation {current} (children are at generation {generation})",
+                       a.ready)
     st = (deployment or {}).get("status") or {}
     ready_replicas = int(st.get("readyReplicas") or 0)
     url, external = manifests.urls(owner, settings)

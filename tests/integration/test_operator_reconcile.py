@@ -307,6 +307,33 @@ def test_hand_deleted_and_edited_children_are_restored(kubectl: Kubectl, namespa
     wait_phase(kubectl, namespace, "heal", "Ready")
 
 
+def test_hand_edited_labels_and_removed_owner_reference_are_restored(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    kubectl.apply(mep("meta", namespace, model="m/meta", gpus=0))
+    obj = wait_phase(kubectl, namespace, "meta", "Ready")
+    uid = obj["metadata"]["uid"]
+    # A label the operator sets changed, and the ownerReference removed, in one hand edit
+    # (neither moves a generation; server-side apply with force takes both back).
+    kubectl("patch", "service", "meta", "-n", namespace, "--type=json", "-p",
+            '[{"op": "replace", "path": "/metadata/labels/app.kubernetes.io~1component", '
+            '"value": "hacked"}, {"op": "remove", "path": "/metadata/ownerReferences"}]')
+
+    def restored() -> bool:
+        meta = kubectl.get("service", "meta", namespace)["metadata"]
+        return (meta["labels"]["app.kubernetes.io/component"] == "model-server"
+                and [(r["uid"], r.get("controller")) for r in meta.get("ownerReferences", [])]
+                == [(uid, True)])
+    wait_for(restored, timeout=30, what="the Service's label and ownerReference to be restored")
+
+    # The same on the Deployment (label edits move no generation there either).
+    kubectl("label", "deployment", "meta", "-n", namespace, "--overwrite",
+            "app.kubernetes.io/component=hacked")
+    wait_for(lambda: kubectl.get("deployment", "meta", namespace)["metadata"]["labels"][
+        "app.kubernetes.io/component"] == "model-server", timeout=30,
+        what="the Deployment's label to be restored")
+
+
 def test_delete_garbage_collects_children(kubectl: Kubectl, namespace: str) -> None:
     kubectl.apply(mep("gone", namespace, model="m/gone", gpus=1,
                       ingress={"enabled": True, "host": "gone.example.com"}))

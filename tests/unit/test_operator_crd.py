@@ -105,3 +105,30 @@ def test_status_phases() -> None:
 def test_crd_has_no_yaml_anchors() -> None:
     text = (Path(__file__).resolve().parents[2] / "crds" / "modelendpoints.yaml").read_text()
     assert "&" not in text.replace("&&", "") and ": *" not in text
+
+
+def _quantities(node, path="") -> list[tuple[str, dict]]:
+    """Every int-or-string quantity field of the schema (sizes and resources)."""
+    found = []
+    if isinstance(node, dict):
+        if node.get("x-kubernetes-int-or-string") and "pattern" in node:
+            found.append((path, node))
+        for key, child in node.items():
+            found.extend(_quantities(child, f"{path}.{key}"))
+    return found
+
+
+def test_quantities_are_never_negative() -> None:
+    import re
+
+    fields = _quantities(SPEC)
+    names = {p for p, _ in fields}
+    assert {".shmSize.", ".modelCache.properties.size.",
+            ".resources.properties.requests.properties.cpu."} <= {p + "." for p in names}
+    for path, node in fields:
+        pattern = re.compile(node["pattern"])
+        for good in ("8Gi", "1", "500m", "1.5G", "0", "1e3"):
+            assert pattern.match(good), (path, good)
+        for bad in ("-1Gi", "-5Gi", "+1Gi", "-1", "-0.5"):
+            assert not pattern.match(bad), (path, bad)
+        assert node.get("minimum") == 0, path  # an integer value: no pattern applies

@@ -44,3 +44,32 @@ def test_non_root_and_the_console_script_as_entrypoint() -> None:
     pyproject = tomllib.loads((REPO / "operator" / "pyproject.toml").read_text())
     assert "modelendpoint-operator" in pyproject["project"]["scripts"]
     assert _instructions()[-1] == 'ENTRYPOINT ["modelendpoint-operator"]'
+
+
+def test_build_backend_is_pinned_and_used_without_build_isolation() -> None:
+    pin = re.search(r"^ARG SETUPTOOLS_VERSION=(\d+)\.(\d+)\.(\d+)$", DOCKERFILE, re.M)
+    assert pin, "setuptools must be pinned to an exact version"
+    runs = [i for i in _instructions() if i.startswith("RUN ")]
+    assert any('"setuptools==${SETUPTOOLS_VERSION}"' in r for r in runs)
+    package = next(r for r in runs if "/opt/modelendpoint/operator" in r and "install" in r)
+    # Without build isolation pip builds with the pinned setuptools, not the newest one.
+    assert "--no-build-isolation" in package
+    build = tomllib.loads((REPO / "operator" / "pyproject.toml").read_text())["build-system"]
+    assert build["build-backend"] == "setuptools.build_meta"
+    minimum = re.match(r"setuptools>=(\d+)", build["requires"][0])
+    assert minimum and int(pin.group(1)) >= int(minimum.group(1))
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    path = REPO / ".dockerignore"
+    assert path.exists(), ".dockerignore is missing at the repository root"
+    patterns = {line.strip() for line in path.read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    for needed in (".git", ".venv", "**/__pycache__", "**/*.egg-info", ".pytest_cache",
+                   ".hypothesis", "tests"):
+        assert needed in patterns, needed
+    # Nothing the Dockerfiles COPY is excluded.
+    for dockerfile in ("Dockerfile.operator", "Dockerfile.runtime"):
+        for src in re.findall(r"^COPY (\S+)", (REPO / dockerfile).read_text(), re.M):
+            top = src.rstrip("/").split("/")[0]
+            assert top not in patterns and src.rstrip("/") not in patterns, (dockerfile, src)

@@ -193,3 +193,21 @@ def test_status_patch_drops_fields_that_went_away() -> None:
     assert st.status_changed(old, new)
     patch = st.status_patch(old, new)
     assert patch["externalURL"] is None and patch["phase"] == "Ready"
+
+
+def test_observed_generation_is_the_applied_one_until_the_new_spec_is_applied() -> None:
+    ready = deployment(replicas=2)
+    # Generation 2 is in the object, but only generation 1's children are applied.
+    pending = st.compute_status(owner(), ready, [], SETTINGS, applied_generation=1)
+    assert pending["observedGeneration"] == 1
+    assert pending["phase"] == "Progressing"
+    assert "generation 2" in pending["message"]
+    assert {c["observedGeneration"] for c in pending["conditions"]} == {1}
+    # Applied: the status is about generation 2 (None: the reconcile itself, which applied it).
+    for applied in (2, None):
+        done = st.compute_status(owner(), ready, [], SETTINGS, applied_generation=applied)
+        assert (done["observedGeneration"], done["phase"]) == (2, "Ready")
+    # A Failed verdict is about the current spec.
+    failed = st.compute_status(owner(), ready, [], SETTINGS, st.Failure("SecretNotFound", "x"),
+                               applied_generation=1)
+    assert (failed["observedGeneration"], failed["phase"]) == (2, "Failed")
