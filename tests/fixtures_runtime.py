@@ -159,6 +159,13 @@ def start_runtime(model_dir: Path, log_path: Path, extra_env: dict[str, str] | N
 
 
 _start_failure: list[str] = []
+_shared: list[RuntimeServer] = []
+
+
+def stop_shared_runtime() -> None:
+    """Stop the shared server if this session started it (before a test runs an engine of its own)."""
+    for server in _shared:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -174,6 +181,7 @@ def runtime_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     except RuntimeError as exc:
         _start_failure.append(str(exc))
         pytest.fail(str(exc), pytrace=False)
+    _shared.append(server)
     try:
         yield server
     finally:

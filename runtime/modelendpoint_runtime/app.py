@@ -35,7 +35,7 @@ from . import errors
 from .admission import Admission
 from .auth import PUBLIC_PATHS, bearer_token, encode_keys, key_matches
 from .errors import APIError
-from .limits import Limits, check_caps, check_model, check_shape, trim_choices
+from .limits import Limits, check_caps, check_model, check_shape, logprobs_for_ranking, rank_choices, trim_choices
 from .logs import LOGGER_NAME, request_fields
 from .metrics import Metrics
 from .settings import ConfigError, RuntimeSettings
@@ -88,6 +88,8 @@ class Runtime:
         self.fatal: str | None = None
         self.on_fatal: Callable[[], None] = lambda: None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.loading = False  # the engine load is under way
+        self.stopping = False  # shutting down: a failing load is a cancelled one, not a fatal error
 
     @property
     def ready(self) -> bool:
@@ -238,22 +240,27 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> APIError
     return errors.from_validation_errors([e for e in errs if isinstance(e, dict)])
 
 
-def create_app(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> FastAPI:
-    """The runtime's ASGI app; ``starter`` loads the engine (``engine.start_engine``)."""
+def create_app(
+    runtime: Runtime, starter: Callable[[], Awaitable[Any]], cancel_load: Callable[[], Any] = lambda: None
+) -> FastAPI:
+    """The runtime's ASGI app.
+
+    ``starter`` loads the engine (``engine.start_engine``); ``cancel_load``
+    makes a load under way give up when the server stops before it ended
+    (``engine.stop_engine_processes``).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.loop = asyncio.get_running_loop()
+        runtime.loading = True
         task = asyncio.create_task(_load(runtime, starter))
         try:
             yield
         finally:
-            # The load runs in a thread that cannot be interrupted: let it end,
-            # then shut the engine (and its worker process) down.
-            try:
-                await asyncio.shield(task)
-            except BaseException:  # noqa: BLE001 - already reported by _load
-                pass
+            runtime.stopping = True
+            if not task.done():
+                await _cancel_load(task, cancel_load)
             if runtime.engine is not None:
                 runtime.engine.shutdown()
 
@@ -329,16 +336,42 @@ def create_app(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> FastA
     return app
 
 
+# How long a stopping server waits for a cancelled load to give up; past it the
+# load's thread is abandoned (main() then exits without waiting for it).
+CANCEL_LOAD_TIMEOUT_S = 10.0
+
+
+async def _cancel_load(task: asyncio.Task, cancel_load: Callable[[], Any]) -> None:
+    """Stop a load under way instead of waiting minutes for a model nobody will serve.
+
+    The load's blocking steps run in a thread that cannot be interrupted;
+    ``cancel_load`` ends the engine process it waits on, which makes it fail
+    at once. A step not waiting on that process yet (reading the config) may
+    start one afterwards, hence the repeat.
+    """
+    log.info("stopping while loading: cancelling the load")
+    deadline = time.monotonic() + CANCEL_LOAD_TIMEOUT_S
+    while not task.done() and time.monotonic() < deadline:
+        cancel_load()
+        await asyncio.wait({task}, timeout=0.5)
+
+
 async def _load(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> None:
     started = time.perf_counter()
     try:
         engine = await starter()
-    except ConfigError as exc:
-        runtime.fatal = str(exc)
     except Exception as exc:  # noqa: BLE001 - reported as one line, details in the log
-        log.error("engine failed to start", exc_info=exc)
-        runtime.fatal = f"the engine failed to start: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        runtime.loading = False
+        if runtime.stopping:
+            log.info("load cancelled", extra={"fields": {"after_s": round(time.perf_counter() - started, 1)}})
+            return
+        if isinstance(exc, ConfigError):
+            runtime.fatal = str(exc)
+        else:
+            log.error("engine failed to start", exc_info=exc)
+            runtime.fatal = f"the engine failed to start: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     else:
+        runtime.loading = False
         runtime.engine = engine
         if not runtime.admission.draining:
             runtime.metrics.ready.set(1)
@@ -429,12 +462,12 @@ async def _parse_body(request: Request) -> dict[str, Any] | APIError:
     return body
 
 
-def _classify_exception(exc: Exception, prompt_param: str) -> APIError:
+def _classify_exception(exc: Exception, prompt_param: str, retry_after: int) -> APIError:
     """An exception from vLLM's request models or serving layer, in our shape."""
     from vllm.entrypoints.serve import create_error_response
 
     resp = create_error_response(exc)
-    return errors.from_engine_error(resp.error.code, resp.error.message, resp.error.param, prompt_param)
+    return errors.from_engine_error(resp.error.code, resp.error.message, resp.error.param, prompt_param, retry_after)
 
 
 async def _dispatch(
@@ -445,6 +478,7 @@ async def _dispatch(
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     prompt_param = "messages" if kind == "chat" else "prompt"
+    retry_after = runtime.settings.retry_after_seconds
     body = await _parse_body(request)
     if isinstance(body, APIError):
         info["error_code"] = body.code
@@ -452,7 +486,7 @@ async def _dispatch(
 
     model = body.get("model")
     info["model"] = model if isinstance(model, str) else None
-    if isinstance(model, str) and (err := check_model(model, runtime.served)) is not None:
+    if (err := check_model(model, runtime.served)) is not None:
         info["error_code"] = err.code
         return _error_response(err)
     if runtime.settings.log_prompts:
@@ -469,7 +503,7 @@ async def _dispatch(
         info["error_code"] = err.code
         return _error_response(err)
     except Exception as exc:  # noqa: BLE001 - vLLM validators raise their own errors
-        err = _classify_exception(exc, prompt_param)
+        err = _classify_exception(exc, prompt_param, retry_after)
         info["error_code"] = err.code
         return _error_response(err)
 
@@ -479,6 +513,10 @@ async def _dispatch(
         return _error_response(plan)
     if plan.engine_n is not None:
         req.n = plan.engine_n
+    # best_of sampling: the client's own logprobs request decides what it gets back.
+    ranking_fields = logprobs_for_ranking(req, kind) if plan.rank else {}
+    for name, value in ranking_fields.items():
+        setattr(req, name, value)
     stream = bool(req.stream)
     info["stream"] = stream
 
@@ -490,17 +528,17 @@ async def _dispatch(
         try:
             result = await call(req, request)
         except Exception as exc:  # noqa: BLE001
-            return _failed(exc, prompt_param, info)
+            return _failed(exc, prompt_param, info, retry_after)
     else:
         result = await _until_disconnect(call(req, request), request)
         if result is _DISCONNECTED:
             info["error_code"] = "client_closed_request"
             return Response(status_code=499)
         if isinstance(result, BaseException):
-            return _failed(result, prompt_param, info)
+            return _failed(result, prompt_param, info, retry_after)
 
     if isinstance(result, ErrorResponse):
-        err = errors.engine_error_from_body(result.error.code, result.model_dump(), prompt_param)
+        err = errors.engine_error_from_body(result.error.code, result.model_dump(), prompt_param, retry_after)
         if err.status >= 500:
             log.error("engine error", extra={"fields": {"detail": result.error.message[:500]}})
         info["error_code"] = err.code
@@ -508,8 +546,10 @@ async def _dispatch(
 
     if not stream:
         content = result.model_dump()
-        if plan.keep_n is not None:
-            content = trim_choices(content, plan.keep_n)
+        if plan.rank and plan.keep_n is not None:
+            content = rank_choices(content, plan.keep_n, kind, keep_logprobs=not ranking_fields, group=plan.engine_n)
+        elif plan.keep_n is not None:
+            content = trim_choices(content, plan.keep_n, group=plan.engine_n)
         usage = content.get("usage") or {}
         _record_usage(runtime, request, info, usage.get("prompt_tokens"), usage.get("completion_tokens"))
         elapsed = time.perf_counter() - start
@@ -517,13 +557,16 @@ async def _dispatch(
         return JSONResponse(content)
 
     fmt = choose_format(runtime.settings.raw_openai_output, request.headers.get("accept"))
-    reframer = Reframer(fmt, prompt_param)
+    reframer = Reframer(fmt, prompt_param, retry_after)
     gen = _stream(runtime, request, result, reframer, kind, info, ticket, start)
     return _TicketedStream(gen, ticket, MEDIA_TYPES[fmt])
 
 
-def _failed(exc: BaseException, prompt_param: str, info: dict[str, Any]) -> Response:
-    err = _classify_exception(exc, prompt_param) if isinstance(exc, Exception) else errors.internal_error()
+def _failed(exc: BaseException, prompt_param: str, info: dict[str, Any], retry_after: int) -> Response:
+    if isinstance(exc, Exception):
+        err = _classify_exception(exc, prompt_param, retry_after)
+    else:
+        err = errors.internal_error()
     if err.status >= 500:
         log.error("generation failed", exc_info=exc)
     info["error_code"] = err.code

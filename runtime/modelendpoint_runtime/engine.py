@@ -12,18 +12,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .settings import ConfigError, engine_arg_error, engine_config_error
+from .settings import ConfigError, RuntimeSettings, engine_arg_error, engine_config_error, generation_overrides
 
 
 class _ArgError(Exception):
     pass
 
 
-def parse_engine_args(argv: list[str], engine_args: str = "") -> argparse.Namespace:
-    """vLLM's server Namespace for ``argv``; a bad option raises ConfigError (one line)."""
+def parse_engine_args(
+    argv: list[str], engine_args: str = "", settings: RuntimeSettings | None = None
+) -> argparse.Namespace:
+    """vLLM's server Namespace for ``argv``; a bad option raises ConfigError (one line).
+
+    With ``settings``, the generation defaults (the guide's temperature, the
+    LIMIT_MAX_TOKENS default and ceiling) are merged into vLLM's
+    ``override_generation_config`` after vLLM parsed the user's own value, in
+    whatever syntax VLLM_EXTRA_ARGS gave it (JSON or ``--override-generation-config.key``).
+    """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -38,7 +48,59 @@ def parse_engine_args(argv: list[str], engine_args: str = "") -> argparse.Namesp
         validate_parsed_serve_args(args)
     except (_ArgError, TypeError, ValueError) as exc:
         raise engine_arg_error(str(exc), engine_args) from None
+    if settings is not None:
+        args.override_generation_config = generation_overrides(settings, args.override_generation_config)
     return args
+
+
+async def _off_loop(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking call in a daemon thread and await its result.
+
+    Not ``asyncio.to_thread``: its pool threads are joined at interpreter
+    exit, so a SIGTERM during a long load would wait for the load to end. A
+    daemon thread can be abandoned; ``stop_engine_processes`` ends the engine
+    process it waits on.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="engine-load", daemon=True).start()
+    return await future
+
+
+def stop_engine_processes(wait: float = 0.0) -> int:
+    """Terminate the engine-core processes vLLM started from this process (a load being cancelled).
+
+    vLLM's start-up waits on those processes; once they are gone it raises at
+    once instead of finishing a model load nobody will use. Only this
+    process's own children are touched. ``wait`` 0 (from the event loop)
+    only signals them; otherwise wait that long for each, then kill it.
+    """
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    if wait > 0:
+        for child in children:
+            child.join(wait)
+            if child.is_alive():
+                child.kill()
+    return len(children)
 
 
 @dataclass
@@ -77,8 +139,8 @@ async def start_engine(args: argparse.Namespace) -> Engine:
     """Load the model and build vLLM's serving layer over it.
 
     Config creation and engine start-up block for a long time (weights,
-    warm-up); they run in a worker thread so the event loop keeps answering
-    /health and /ready (503) meanwhile. AsyncLLM created outside the loop
+    warm-up); they run in a daemon thread so the event loop keeps answering
+    /health and /ready (503) meanwhile, and a shutdown need not wait for them. AsyncLLM created outside the loop
     starts its output-handler tasks lazily on the first request.
     """
     from starlette.datastructures import State
@@ -90,13 +152,13 @@ async def start_engine(args: argparse.Namespace) -> Engine:
     engine_args = AsyncEngineArgs.from_cli_args(args)
     usage = UsageContext.OPENAI_API_SERVER
     try:
-        vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
+        vllm_config = await _off_loop(engine_args.create_engine_config, usage_context=usage)
     except (ValueError, TypeError) as exc:
         # Config validation (e.g. MAX_MODEL_LEN beyond the model's) is a bad
         # setting: report it on one line like any other.
         raise engine_config_error(str(exc)) from None
 
-    client = await asyncio.to_thread(
+    client = await _off_loop(
         AsyncLLM.from_vllm_config,
         vllm_config=vllm_config,
         usage_context=usage,

@@ -142,17 +142,31 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, "missing_required_parameter" if first.get("type") == "missing" else "invalid_value")
 
 
-def from_engine_error(status: int, message: str, param: str | None, prompt_param: str) -> APIError:
+def engine_unavailable(retry_after: int) -> APIError:
+    """vLLM refused a request as retryable (its 503): like our other 503s, with RETRY_AFTER_SECONDS."""
+    return APIError(
+        503,
+        "The engine cannot take this request now; retry later.",
+        SERVER_ERROR,
+        None,
+        "engine_unavailable",
+        {"Retry-After": str(retry_after)},
+    )
+
+
+def from_engine_error(
+    status: int, message: str, param: str | None, prompt_param: str, retry_after: int = 1
+) -> APIError:
     """An error vLLM's serving layer returned (its ErrorResponse) in our shape.
 
     ``prompt_param`` is the field holding the input (``messages`` or
     ``prompt``): a context overflow is reported against it, as OpenAI does.
+    ``retry_after`` is RETRY_AFTER_SECONDS, for vLLM's retryable 503.
     """
     if status >= 500 and status not in (501, 503):
         return internal_error()
     if status == 503:
-        return APIError(503, "The engine cannot take this request now; retry later.", SERVER_ERROR, None,
-                        "engine_unavailable", {"Retry-After": "1"})  # fmt: skip
+        return engine_unavailable(retry_after)
     if status == 404:
         if param == "model" or "model" in message.lower():
             return APIError(404, message, INVALID_REQUEST, "model", "model_not_found")
@@ -167,9 +181,9 @@ def from_engine_error(status: int, message: str, param: str | None, prompt_param
     return APIError(400, message, INVALID_REQUEST, param, "invalid_value")
 
 
-def engine_error_from_body(status: int, body: dict[str, Any], prompt_param: str) -> APIError:
+def engine_error_from_body(status: int, body: dict[str, Any], prompt_param: str, retry_after: int = 1) -> APIError:
     """Like :func:`from_engine_error`, from vLLM's ``ErrorResponse.model_dump()``."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         return internal_error() if status >= 500 else invalid_request("Invalid request.", None)
-    return from_engine_error(status, str(err.get("message", "")), err.get("param"), prompt_param)
+    return from_engine_error(status, str(err.get("message", "")), err.get("param"), prompt_param, retry_after)

@@ -7,11 +7,13 @@ attributes works, which is how the unit tests drive them):
 * the model name must be the served one (404 ``model_not_found``);
 * configurable caps on ``n``, ``max_tokens`` (and ``max_completion_tokens``),
   ``best_of`` and ``logprobs`` / ``top_logprobs`` (400 naming the parameter);
-* ``best_of``, which vLLM 0.32 removed from its request models, is given a
-  meaning again: with ``use_beam_search`` it is the beam width and the best
-  ``n`` beams are returned; without beam search, ``best_of == n`` is accepted
-  and ``best_of > n`` is refused with a 400 saying why (the V1 engine cannot
-  sample extra sequences and rank them).
+* ``best_of``, which vLLM 0.32 removed from its request models (its V1
+  engine no longer samples extra sequences to rank them), is given its
+  meaning back here: with ``use_beam_search`` it is the beam width and the
+  best ``n`` beams are returned; otherwise the runtime asks the engine for
+  ``best_of`` samples with their log-probabilities and returns the ``n`` with
+  the highest cumulative log-probability (:func:`rank_choices`). That needs
+  every sample finished, so ``best_of > n`` cannot stream (400, as OpenAI).
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ class Limits:
 class Plan:
     """What the route must do beyond handing the request to vLLM.
 
-    ``engine_n``: if not None, set the request's ``n`` to it (beam width);
-    ``keep_n``: trim the response's choices to this many (best first).
+    ``engine_n``: if not None, set the request's ``n`` to it (beam width, or
+    the number of samples to rank);
+    ``keep_n``: trim the response's choices to this many (best first);
+    ``rank``: the choices are samples, not beams: rank them by cumulative
+    log-probability (:func:`rank_choices`) before trimming.
     """
 
     engine_n: int | None = None
     keep_n: int | None = None
+    rank: bool = False
 
 
 def check_shape(body: dict[str, Any], kind: str) -> APIError | None:
@@ -69,10 +75,12 @@ def check_shape(body: dict[str, Any], kind: str) -> APIError | None:
 
 
 def check_model(requested: Any, served: str) -> APIError | None:
-    # A missing model is accepted (vLLM then uses the served one); OpenAI's
-    # SDKs always send it.
+    """The guide marks ``model`` required: missing (or null) is a 400, as OpenAI answers."""
     if requested is None:
-        return None
+        return APIError(400, "Missing required parameter: 'model'.", "invalid_request_error", "model",
+                        "missing_required_parameter")  # fmt: skip
+    if not isinstance(requested, str):
+        return invalid_request("'model' must be a string.", "model")
     if requested != served:
         return model_not_found(str(requested))
     return None
@@ -135,20 +143,75 @@ def _plan_best_of(request: Any, limits: Limits, n: int) -> APIError | Plan:
         return invalid_request(f"best_of must be greater than or equal to n, got best_of={best_of} and n={n}.", "best_of")
     if best_of == n:
         return Plan()
-    if not getattr(request, "use_beam_search", False):
-        return invalid_request(
-            "best_of greater than n is supported only with use_beam_search=true "
-            "(then best_of is the beam width); vLLM's engine does not rank extra samples.",
-            "best_of",
-        )
     if getattr(request, "stream", False):
+        # The best n are known only once all best_of samples have finished.
         return invalid_request("best_of greater than n cannot be combined with stream=true.", "best_of")
-    return Plan(engine_n=best_of, keep_n=n)
+    if getattr(request, "use_beam_search", False):
+        return Plan(engine_n=best_of, keep_n=n)
+    return Plan(engine_n=best_of, keep_n=n, rank=True)
 
 
-def trim_choices(body: dict[str, Any], keep_n: int) -> dict[str, Any]:
-    """Keep the first ``keep_n`` choices (beam search returns them best first)."""
+def _per_prompt(choices: list[dict[str, Any]], group: int) -> list[list[dict[str, Any]]]:
+    """Choices in groups of ``group``, one per prompt: a list of prompts gives
+    ``len(prompts) * n`` choices, prompt i's at indexes ``i*n .. i*n+n-1``."""
+    ordered = sorted(choices, key=lambda c: c.get("index", 0))
+    return [ordered[i : i + group] for i in range(0, len(ordered), max(group, 1))]
+
+
+def trim_choices(body: dict[str, Any], keep_n: int, group: int | None = None) -> dict[str, Any]:
+    """Keep the first ``keep_n`` choices of each prompt's ``group`` (beam search
+    returns them best first); re-indexed as OpenAI numbers them, ``prompt * keep_n + j``."""
     choices = body.get("choices")
-    if isinstance(choices, list) and len(choices) > keep_n:
-        body["choices"] = [dict(c, index=i) for i, c in enumerate(choices[:keep_n])]
+    if not isinstance(choices, list):
+        return body
+    groups = _per_prompt(choices, group or len(choices))
+    body["choices"] = [dict(c, index=p * keep_n + j) for p, g in enumerate(groups) for j, c in enumerate(g[:keep_n])]
+    return body
+
+
+def logprobs_for_ranking(request: Any, kind: str) -> dict[str, Any]:
+    """The request fields to set so every sample comes back with its token log-probabilities.
+
+    Only fields the client left unset are touched (0 alternatives: just the
+    sampled token's log-probability); :func:`rank_choices` strips them again.
+    """
+    if kind == "chat":
+        return {} if getattr(request, "logprobs", False) else {"logprobs": True, "top_logprobs": 0}
+    return {} if getattr(request, "logprobs", None) is not None else {"logprobs": 0}
+
+
+def cumulative_logprob(choice: dict[str, Any], kind: str) -> float:
+    """The sum of the sampled tokens' log-probabilities of one response choice."""
+    lp = choice.get("logprobs") or {}
+    if kind == "chat":
+        values = [t.get("logprob") for t in lp.get("content") or []]
+    else:
+        values = lp.get("token_logprobs") or []
+    # With echo, the prompt's first token has no log-probability (None).
+    return float(sum(v for v in values if v is not None))
+
+
+def rank_choices(
+    body: dict[str, Any], keep_n: int, kind: str, keep_logprobs: bool, group: int | None = None
+) -> dict[str, Any]:
+    """best_of: keep, for each prompt, the ``keep_n`` of its ``group`` samples
+    with the highest cumulative log-probability.
+
+    Ties go to the lower index; the kept choices are re-indexed in rank order
+    as OpenAI numbers them (``prompt * keep_n + j``); log-probabilities the
+    client did not ask for are removed. ``usage`` is left as the engine
+    counted it: all best_of samples, as OpenAI bills them.
+    """
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return body
+    kept = []
+    for p, samples in enumerate(_per_prompt(choices, group or len(choices))):
+        ranked = sorted(samples, key=lambda c: (-cumulative_logprob(c, kind), c.get("index", 0)))
+        for j, choice in enumerate(ranked[:keep_n]):
+            choice = dict(choice, index=p * keep_n + j)
+            if not keep_logprobs:
+                choice["logprobs"] = None
+            kept.append(choice)
+    body["choices"] = kept
     return body

@@ -230,6 +230,35 @@ def extra_engine_args(raw: str) -> list[str]:
     return extra
 
 
+# The guide's default sampling temperature (its parameter tables say 0.7;
+# vLLM's own default is 1.0, or the model's generation_config.json).
+GUIDE_DEFAULT_TEMPERATURE = 0.7
+
+
+def generation_overrides(settings: RuntimeSettings, user: Mapping[str, object] | None = None) -> dict[str, object]:
+    """vLLM's ``--override-generation-config`` value: the guide's defaults, the cap, then the user's.
+
+    vLLM itself applies this dict: its keys become the default sampling
+    parameters of every request that does not set them (the serving layer's
+    ``default_sampling_params``), so no request mapping of ours is needed.
+
+    * ``temperature`` 0.7, the guide's default; a value the user passes with
+      ``--override-generation-config`` in VLLM_EXTRA_ARGS wins.
+    * ``max_new_tokens`` = LIMIT_MAX_TOKENS: vLLM uses it as the default
+      ``max_tokens`` *and* as a server-wide ceiling, still clamped to what the
+      context leaves. Without it, a request omitting ``max_tokens`` would get
+      the whole rest of the context and bypass the cap. A user's smaller value
+      is kept; a larger one cannot lift the cap.
+    """
+    merged: dict[str, object] = {"temperature": GUIDE_DEFAULT_TEMPERATURE}
+    merged.update(user or {})
+    requested = merged.get("max_new_tokens")
+    cap = settings.limit_max_tokens
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested <= 0 or requested > cap:
+        merged["max_new_tokens"] = cap
+    return merged
+
+
 # Named variables and the vLLM option each one becomes: an argparse error about
 # the option is reported under the variable the user actually set.
 OPTION_TO_VAR: dict[str, str] = {

@@ -59,9 +59,10 @@ def is_token_frame(frame: str, kind: str) -> bool:
 class Reframer:
     """Turns vLLM's SSE strings into the output framing; records if an error was sent."""
 
-    def __init__(self, fmt: str, prompt_param: str) -> None:
+    def __init__(self, fmt: str, prompt_param: str, retry_after: int = 1) -> None:
         self.fmt = fmt
         self.prompt_param = prompt_param
+        self.retry_after = retry_after
         self.error_status: int | None = None
 
     def feed(self, piece: str) -> str:
@@ -86,7 +87,7 @@ class Reframer:
             status = int(body["error"].get("code") or 500)
         except (ValueError, KeyError, TypeError, AttributeError):
             body, status = {}, 500
-        err = engine_error_from_body(status, body, self.prompt_param)
+        err = engine_error_from_body(status, body, self.prompt_param, self.retry_after)
         self.error_status = err.status
         return _DATA + json.dumps(err.body(), separators=(",", ":")) + "\n\n"
 

@@ -6,19 +6,26 @@
   has exited (``runtime_after_drain``).
 * A setting vLLM itself rejects (MAX_MODEL_LEN beyond the model's) stops the
   process with one line naming the variable; no engine is started for it.
+* SIGTERM while the model is still loading stops the process at once (exit
+  0), without waiting for the load; its engine process goes too. Also after
+  the shared server has exited.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from fixtures_runtime import RUNTIME_TEST_ENV, free_port, start_runtime
+from fixtures_runtime import RUNTIME_TEST_ENV, free_port, start_runtime, stop_shared_runtime
+from waiting import wait_for
 
 
 @pytest.mark.runtime_after_drain
@@ -71,3 +78,61 @@ def test_setting_rejected_by_vllm_exits_with_one_line(embedded_model_dir):
     assert len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("modelendpoint-runtime: invalid MAX_MODEL_LEN:")
     assert "Traceback" not in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _health(port: int) -> str | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("status")
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+@pytest.mark.runtime_after_drain
+def test_sigterm_while_loading_stops_at_once(embedded_model_dir, tmp_path):
+    stop_shared_runtime()  # one engine at a time
+    port = free_port()
+    env = {**os.environ, **RUNTIME_TEST_ENV, "MODEL_NAME": str(embedded_model_dir), "HOST": "127.0.0.1",
+           "PORT": str(port)}  # fmt: skip
+    log_path = tmp_path / "loading.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "modelendpoint_runtime"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        # Mid-load: the server answers (/health "loading") and vLLM's engine
+        # process is running (the load itself takes a minute or more here).
+        wait_for(lambda: _health(port) == "loading" and _children(proc.pid), timeout=120, interval=0.2,
+                 what="the engine load to be under way")  # fmt: skip
+        children = _children(proc.pid)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        elapsed = time.monotonic() - started
+        text = log_path.read_text(errors="replace")
+        assert code == 0, text[-3000:]
+        assert elapsed < 20, f"took {elapsed:.0f}s: waited for the load"
+        assert '"msg":"ready"' not in text and '"msg":"load cancelled"' in text, text[-3000:]
+        wait_for(lambda: not any(_alive(c) for c in children), timeout=15, interval=0.2,
+                 what="the engine process to be gone")  # fmt: skip
+    finally:
+        if proc.poll() is None:
+            # Its own session: the engine process goes with it, not orphaned.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

@@ -144,6 +144,17 @@ def test_schema_violation_is_400_naming_the_field(http, runtime_server, path, pa
     assert_openai_error(http.post(path, json=body), 400, param=param)
 
 
+def test_missing_model_is_400(http, openai_client):
+    for path, body in (("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+                       ("/completions", {"prompt": "Hi", "max_tokens": 1})):  # fmt: skip
+        err = assert_openai_error(http.post(path, json=body), 400, "missing_required_parameter", "model")
+        assert err["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as exc:  # the SDK leaves an omitted argument out of the body
+        openai_client.chat.completions.create(model=openai.omit, messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 400 and exc.value.param == "model"
+    assert exc.value.code == "missing_required_parameter"
+
+
 def test_missing_required_field_is_400(http, runtime_server):
     err = assert_openai_error(http.post("/chat/completions", json={"model": runtime_server.model}), 400, param="messages")
     assert "messages" in err["message"]
@@ -176,7 +187,8 @@ def test_sdk_bad_request_error(openai_client, runtime_server):
         ("/chat/completions", {"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
         ("/completions", {"logprobs": 6}, "logprobs"),
         ("/completions", {"best_of": 5}, "best_of"),
-        ("/completions", {"best_of": 2}, "best_of"),  # > n without beam search
+        ("/completions", {"best_of": 2, "stream": True}, "best_of"),  # > n cannot stream
+        ("/chat/completions", {"best_of": 2, "stream": True}, "best_of"),
     ],
 )
 def test_caps_are_400(http, runtime_server, path, patch, param):

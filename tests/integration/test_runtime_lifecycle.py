@@ -117,29 +117,75 @@ def _post_and_drop(server, body: dict) -> None:
     sock.close()
 
 
+def samples(server) -> dict[tuple[str, frozenset], float]:
+    """Every sample of one scrape: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(server.metrics_text()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
 def test_metrics_expose_runtime_and_engine_series(runtime_server, openai_client):
-    openai_client.completions.create(model=runtime_server.model, prompt="Hi", max_tokens=2)
-    list(openai_client.completions.create(model=runtime_server.model, prompt="Hi", max_tokens=2, stream=True))
+    """This test's own requests move the counters by exactly what they did."""
+    route = "/v2/{endpoint_id}/openai/v1/completions"
+    ok = frozenset({"route": route, "method": "POST", "status": "200"}.items())
+    at_route = frozenset({"route": route}.items())
+
+    def key(name, labels):
+        return (name, labels)
+
+    watched = {
+        "requests": key("modelendpoint_requests_total", ok),
+        "duration": key("modelendpoint_request_duration_seconds_count", at_route),
+        "ttft_stream": key("modelendpoint_time_to_first_token_seconds_count", frozenset({"route": route, "stream": "true"}.items())),
+        "ttft_plain": key("modelendpoint_time_to_first_token_seconds_count", frozenset({"route": route, "stream": "false"}.items())),
+        "prompt": key("modelendpoint_prompt_tokens_total", at_route),
+        "completion": key("modelendpoint_completion_tokens_total", at_route),
+    }  # fmt: skip
+
+    def snapshot():
+        all_samples = samples(runtime_server)
+        values = {name: all_samples.get(k, 0.0) for name, k in watched.items()}
+        values["vllm_generated"] = metric(runtime_server, "vllm:generation_tokens_total")
+        return values
+
+    wait_for(lambda: engine_idle(runtime_server), timeout=30, interval=0.1, what="an idle engine before the test")
+    before = snapshot()
+    plain = openai_client.completions.create(model=runtime_server.model, prompt="Hi", max_tokens=2)
+    chunks = list(openai_client.completions.create(model=runtime_server.model, prompt="Hello there", max_tokens=3,
+                                                   stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    streamed = chunks[-1].usage
+    generated = plain.usage.completion_tokens + streamed.completion_tokens
+    expected = {
+        "requests": 2, "duration": 2, "ttft_stream": 1, "ttft_plain": 1,
+        "prompt": plain.usage.prompt_tokens + streamed.prompt_tokens, "completion": generated,
+        "vllm_generated": generated,
+    }  # fmt: skip
+
+    def deltas():
+        after = snapshot()
+        return {name: after[name] - before[name] for name in expected}
+
+    # The stream's usage and the request counters are recorded as its
+    # response ends, which may be just after the client saw [DONE].
+    wait_for(lambda: deltas() == expected, timeout=10, interval=0.2, what="the metrics of this test's requests")
+    assert deltas() == expected
+
     text = runtime_server.metrics_text()
     for name in (
-        "modelendpoint_requests_total",
-        "modelendpoint_request_duration_seconds_bucket",
-        "modelendpoint_time_to_first_token_seconds_bucket",
-        "modelendpoint_prompt_tokens_total",
-        "modelendpoint_completion_tokens_total",
         "modelendpoint_requests_in_flight",
         "modelendpoint_ready",
+        "modelendpoint_request_duration_seconds_bucket",
+        "modelendpoint_time_to_first_token_seconds_bucket",
         # vLLM's own engine metrics, same scrape:
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
         "vllm:prompt_tokens_total",
-        "vllm:generation_tokens_total",
     ):
         assert re.search(rf"^{re.escape(name)}[{{ ]", text, re.M), name
-    route = f"/v2/{{endpoint_id}}/openai/v1/completions"
-    assert re.search(rf'modelendpoint_requests_total{{method="POST",route="{re.escape(route)}",status="200"}} [1-9]', text)
-    assert re.search(rf'modelendpoint_time_to_first_token_seconds_count{{route="{re.escape(route)}",stream="true"}} [1-9]', text)
-    assert metric(runtime_server, "modelendpoint_completion_tokens_total") >= 4
     assert metric(runtime_server, "modelendpoint_ready") == 1
     # The endpoint id never becomes a label value.
     assert runtime_server.endpoint_id not in text
@@ -167,6 +213,19 @@ def test_one_json_log_line_per_request_without_prompt_text(runtime_server, opena
     assert entry["prompt_tokens"] == r.usage.prompt_tokens
     assert entry["completion_tokens"] == r.usage.completion_tokens
     assert entry["latency_ms"] > 0 and entry["stream"] is False
+
+    # A streamed request: one line too, with the stream's token counts.
+    before = len(logged())
+    chunks = list(openai_client.chat.completions.create(
+        model=runtime_server.model, messages=[{"role": "user", "content": secret_prompt}], max_tokens=4,
+        stream=True, stream_options={"include_usage": True},
+    ))  # fmt: skip
+    usage = chunks[-1].usage
+    wait_for(lambda: len(logged()) > before, timeout=10, interval=0.1, what="the streamed request's log line")
+    (entry,) = logged()[before:]
+    assert entry["status"] == 200 and entry["stream"] is True and entry["ttft_ms"] > 0
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    assert usage.completion_tokens > 0
     assert "zebra-quartz" not in runtime_server.log_text()
 
 

@@ -153,9 +153,10 @@ def test_skip_special_tokens(c, tok):
     kw = dict(max_tokens=3, temperature=0, logit_bias={str(im_end): 100}, ignore_eos=True)
     assert c(**kw).choices[0].text == ""  # default: special tokens skipped
     assert c(skip_special_tokens=False, **kw).choices[0].text == "<|im_end|>" * 3
-    # Accepted and passed to vLLM's SamplingParams; with this (fast) tokenizer
-    # vLLM's detokenizer produces the same text either way.
-    assert c(skip_special_tokens=False, spaces_between_special_tokens=False, **kw).choices[0].text == "<|im_end|>" * 3
+    # spaces_between_special_tokens: with this model's fast tokenizer vLLM's
+    # detokenizer gives the same text either way, so no output here can show
+    # it; tests/unit/test_runtime_app.py checks at our seam that the value
+    # reaches vLLM's SamplingParams.
 
 
 def test_add_generation_prompt_changes_the_prompt(chat):
@@ -178,6 +179,115 @@ def test_beam_search_best_of_and_length_penalty(c, chat):
 
 def test_best_of_without_beam_search(c):
     assert len(c(max_tokens=2, n=2, best_of=2).choices) == 2  # best_of == n: fine
+
+
+def test_best_of_returns_the_sample_with_the_highest_cumulative_logprob(c, chat):
+    # best_of=3 samples 3 sequences in the engine and returns the most likely
+    # one. With a seed, the same request with n=3 and logprobs shows the three
+    # samples it chose from.
+    kw = dict(prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=99)
+    samples = c(n=3, logprobs=0, **kw)
+    by_index = sorted(samples.choices, key=lambda ch: ch.index)
+    assert len({ch.text for ch in by_index}) > 1  # they differ: the choice matters
+    sums = [sum(ch.logprobs.token_logprobs) for ch in by_index]
+    best = max(range(3), key=lambda i: (sums[i], -i))
+    r = c(best_of=3, **kw)
+    (choice,) = r.choices
+    assert choice.text == by_index[best].text and choice.index == 0
+    assert choice.logprobs is None  # used for ranking, not asked for
+    assert r.usage.completion_tokens == samples.usage.completion_tokens  # every sample is counted
+
+    ckw = dict(max_tokens=6, temperature=1.0, seed=7)
+    samples = chat(n=2, logprobs=True, top_logprobs=0, **ckw)
+    by_index = sorted(samples.choices, key=lambda ch: ch.index)
+    sums = [sum(t.logprob for t in ch.logprobs.content) for ch in by_index]
+    best = max(range(2), key=lambda i: (sums[i], -i))
+    (choice,) = chat(best_of=2, **ckw).choices
+    assert choice.message.content == by_index[best].message.content and choice.logprobs is None
+
+    # A list of prompts: each prompt gets its own best, numbered as OpenAI
+    # does (echo shows which prompt each choice continues).
+    prompts = ["Once upon a time", "The capital of France"]
+    batch = c(prompt=prompts, best_of=2, echo=True, max_tokens=4, temperature=1.0, seed=5)
+    assert [ch.index for ch in batch.choices] == [0, 1]
+    assert [ch.text.startswith(p) for ch, p in zip(batch.choices, prompts)] == [True, True]
+
+
+def test_omitted_temperature_defaults_to_the_guides_0_7(c, runtime_server):
+    # The runtime passes the guide's default through vLLM's
+    # --override-generation-config: a request without temperature samples
+    # exactly like one with 0.7, not like vLLM's 1.0.
+    kw = dict(prompt="Once upon a time", max_tokens=16)
+    differs = False
+    for seed in (1, 2, 3):
+        default = c(seed=seed, **kw).choices[0].text
+        assert default == c(seed=seed, temperature=0.7, **kw).choices[0].text, seed
+        differs = differs or default != c(seed=seed, temperature=1.0, **kw).choices[0].text
+    assert differs  # otherwise the comparison could not tell 0.7 from 1.0
+    # vLLM reports the defaults its serving layer applies, LIMIT_MAX_TOKENS as
+    # the default max_tokens among them (the cap holds when max_tokens is omitted).
+    (line,) = {ln for ln in runtime_server.log_text().splitlines() if "Default vLLM sampling parameters" in ln}
+    assert "'temperature': 0.7" in line and "'max_tokens': 1024" in line, line
+
+
+def _greedy(chat, **kw):
+    return chat(max_tokens=10, temperature=0, **kw).choices[0]
+
+
+def _chat_stop(chat, tok):
+    full = _greedy(chat).message.content
+    word = full.strip().split()[0][:2]
+    r = _greedy(chat, stop=[word])
+    assert word not in r.message.content and r.finish_reason == "stop" and full.startswith(r.message.content)
+
+
+def _chat_include_stop_str(chat, tok):
+    word = _greedy(chat).message.content.strip().split()[0][:2]
+    r = _greedy(chat, stop=word, include_stop_str_in_output=True)
+    assert r.message.content.endswith(word) and r.finish_reason == "stop"
+
+
+def _chat_seed(chat, tok):
+    kw = dict(max_tokens=12, temperature=1.5)
+    a = chat(seed=42, **kw).choices[0].message.content
+    assert a == chat(seed=42, **kw).choices[0].message.content
+    assert len({chat(seed=s, **kw).choices[0].message.content for s in (1, 2, 3)} | {a}) > 1
+
+
+def _chat_top_k_min_p(chat, tok):
+    greedy = _greedy(chat).message.content
+    for kw in ({"top_k": 1}, {"min_p": 1.0}):
+        assert chat(max_tokens=10, temperature=2.0, seed=3, **kw).choices[0].message.content == greedy, kw
+
+
+def _chat_logit_bias(chat, tok):
+    token_id = tok.encode(" banana", add_special_tokens=False)[0]
+    r = chat(max_tokens=3, temperature=0, logit_bias={str(token_id): 100})
+    assert r.choices[0].message.content == tok.decode([token_id] * 3)
+
+
+def _chat_stop_token_ids(chat, tok):
+    full = _greedy(chat)
+    stop_id = tok.encode(full.message.content, add_special_tokens=False)[1]
+    r = chat(max_tokens=10, temperature=0, stop_token_ids=[stop_id])
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 10
+
+
+def _chat_skip_special_tokens(chat, tok):
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    kw = dict(max_tokens=3, temperature=0, logit_bias={str(im_end): 100}, ignore_eos=True)
+    assert chat(**kw).choices[0].message.content == ""
+    assert chat(skip_special_tokens=False, **kw).choices[0].message.content == "<|im_end|>" * 3
+
+
+@pytest.mark.parametrize(
+    "check",
+    [_chat_stop, _chat_include_stop_str, _chat_seed, _chat_top_k_min_p, _chat_logit_bias, _chat_stop_token_ids,
+     _chat_skip_special_tokens],  # fmt: skip
+    ids=lambda f: f.__name__.removeprefix("_chat_"),
+)
+def test_chat_parameters_reach_the_engine(chat, tok, check):
+    check(chat, tok)
 
 
 def test_stream_options_include_usage_and_role_in_deltas(openai_client, runtime_server):

@@ -12,7 +12,15 @@ from modelendpoint_runtime import errors
 from modelendpoint_runtime.admission import Admission
 from modelendpoint_runtime.app import route_label
 from modelendpoint_runtime.auth import bearer_token, encode_keys, key_matches
-from modelendpoint_runtime.limits import Limits, Plan, check_caps, check_model, trim_choices
+from modelendpoint_runtime.limits import (
+    Limits,
+    Plan,
+    check_caps,
+    check_model,
+    logprobs_for_ranking,
+    rank_choices,
+    trim_choices,
+)
 from modelendpoint_runtime.logs import request_fields
 from modelendpoint_runtime.streaming import NDJSON, SSE, Reframer, choose_format, is_token_frame
 
@@ -110,8 +118,28 @@ def req(**kw):
 
 def test_check_model():
     assert check_model("served", "served") is None
-    assert check_model(None, "served") is None
     assert check_model("other", "served").status == 404
+
+
+@pytest.mark.parametrize(("value", "code"), [(None, "missing_required_parameter"), (5, "invalid_value")])
+def test_model_is_required(value, code):
+    # The guide marks `model` required: missing or not a string is a 400 naming it.
+    err = _shape(check_model(value, "served"))
+    assert (check_model(value, "served").status, err["param"], err["code"], err["type"]) == (
+        400, "model", code, "invalid_request_error"
+    )
+
+
+def test_engine_503_retry_after_is_the_setting():
+    err = errors.from_engine_error(503, "busy", None, "prompt", retry_after=7)
+    assert err.status == 503 and err.code == "engine_unavailable" and err.headers["Retry-After"] == "7"
+    body = {"error": {"message": "busy", "type": "ServiceUnavailableError", "param": None, "code": 503}}
+    assert errors.engine_error_from_body(503, body, "prompt", 9).headers["Retry-After"] == "9"
+    # ...and in a stream's error frame the Reframer is given the setting too.
+    frame = 'data: {"error": {"message": "busy", "type": "x", "param": null, "code": 503}}\n\n'
+    reframer = Reframer(SSE, "prompt", retry_after=4)
+    assert json.loads(reframer.feed(frame)[6:])["error"]["code"] == "engine_unavailable"
+    assert reframer.error_status == 503
 
 
 @pytest.mark.parametrize(
@@ -128,8 +156,9 @@ def test_check_model():
         ("completion", {"model_extra": {"best_of": 5}}, "best_of"),
         ("completion", {"model_extra": {"best_of": "two"}}, "best_of"),
         ("completion", {"n": 3, "model_extra": {"best_of": 2}}, "best_of"),
-        ("completion", {"model_extra": {"best_of": 3}}, "best_of"),  # > n without beam search
         ("completion", {"use_beam_search": True, "stream": True, "model_extra": {"best_of": 3}}, "best_of"),
+        ("completion", {"stream": True, "model_extra": {"best_of": 3}}, "best_of"),  # ranking needs every sample
+        ("chat", {"stream": True, "model_extra": {"best_of": 2}}, "best_of"),
     ],
 )
 def test_caps_refuse_with_400_naming_param(kind, kw, param):
@@ -148,9 +177,64 @@ def test_best_of_with_beam_search_is_the_beam_width():
     assert plan == Plan(engine_n=3, keep_n=1)
 
 
+def test_best_of_without_beam_search_samples_and_ranks():
+    plan = check_caps(req(n=2, model_extra={"best_of": 4}), LIM, "completion")
+    assert plan == Plan(engine_n=4, keep_n=2, rank=True)
+    assert check_caps(req(n=2, stream=True, model_extra={"best_of": 2}), LIM, "chat") == Plan()  # == n streams
+
+
+def test_logprobs_for_ranking_only_adds_what_the_client_left_unset():
+    assert logprobs_for_ranking(req(logprobs=None), "completion") == {"logprobs": 0}
+    assert logprobs_for_ranking(req(logprobs=2), "completion") == {}
+    assert logprobs_for_ranking(req(logprobs=False, top_logprobs=0), "chat") == {"logprobs": True, "top_logprobs": 0}
+    assert logprobs_for_ranking(req(logprobs=True, top_logprobs=3), "chat") == {}
+
+
+def test_rank_choices_keeps_the_highest_cumulative_logprob():
+    def text_choice(i, lps):
+        return {"index": i, "text": f"t{i}", "logprobs": {"tokens": ["a"] * len(lps), "token_logprobs": lps}}
+
+    body = {
+        "choices": [text_choice(0, [-1.0, -2.0]), text_choice(1, [None, -0.5, -0.25]),  # echo: prompt token None
+                    text_choice(2, [-0.25, -0.25]), text_choice(3, [-1.0, -0.5])],
+        "usage": {"completion_tokens": 8},
+    }  # fmt: skip
+    out = rank_choices(body, 2, "completion", keep_logprobs=False)
+    assert [c["text"] for c in out["choices"]] == ["t2", "t1"]  # sums -0.5 and -0.75, best first
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert all(c["logprobs"] is None for c in out["choices"])
+    assert out["usage"] == {"completion_tokens": 8}  # every sample generated is counted
+
+    def chat_choice(i, lps):
+        content = [{"token": "x", "logprob": lp, "top_logprobs": []} for lp in lps]
+        return {"index": i, "message": {"content": f"m{i}"}, "logprobs": {"content": content}}
+
+    body = {"choices": [chat_choice(0, [-3.0]), chat_choice(1, [-0.5, -0.5]), chat_choice(2, [-0.2])]}
+    out = rank_choices(body, 1, "chat", keep_logprobs=True)
+    assert [c["message"]["content"] for c in out["choices"]] == ["m2"] and out["choices"][0]["logprobs"]
+    # Ties go to the lower index.
+    body = {"choices": [chat_choice(0, [-1.0]), chat_choice(1, [-1.0])]}
+    assert rank_choices(body, 1, "chat", keep_logprobs=False)["choices"][0]["message"]["content"] == "m0"
+
+
+def test_rank_choices_ranks_each_prompt_of_a_batch_apart():
+    # Two prompts, best_of=2, n=1: the engine returns prompt 0's samples at
+    # indexes 0-1 and prompt 1's at 2-3; each prompt keeps its own best.
+    def text_choice(i, lp):
+        return {"index": i, "text": f"t{i}", "logprobs": {"token_logprobs": [lp]}}
+
+    body = {"choices": [text_choice(3, -0.1), text_choice(0, -2.0), text_choice(1, -1.0), text_choice(2, -0.5)]}
+    out = rank_choices(body, 1, "completion", keep_logprobs=False, group=2)
+    assert [(c["index"], c["text"]) for c in out["choices"]] == [(0, "t1"), (1, "t3")]
+
+
 def test_trim_choices_keeps_best_first_and_reindexes():
     body = {"choices": [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}, {"index": 2, "text": "c"}]}
     assert trim_choices(body, 2)["choices"] == [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]
+    # Per prompt of a batch: beams 0-2 of prompt 0, 3-5 of prompt 1.
+    body = {"choices": [{"index": i, "text": f"b{i}"} for i in range(6)]}
+    assert [(c["index"], c["text"]) for c in trim_choices(body, 2, group=3)["choices"]] == [
+        (0, "b0"), (1, "b1"), (2, "b3"), (3, "b4")]
 
 
 # auth -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,74 @@ def test_engine_config_error_names_the_variable():
     assert str(engine_config_error(msg)) == f"invalid MAX_MODEL_LEN: {msg}"
     assert str(engine_config_error("Unknown quantization method: foo\nmore")).startswith("invalid QUANTIZATION:")
     assert str(engine_config_error("something else")).startswith("invalid engine configuration (MODEL_NAME or VLLM_EXTRA_ARGS)")
+
+
+# generation defaults: the guide's temperature, the LIMIT_MAX_TOKENS default -----
+
+
+def test_generation_overrides_carry_the_guide_temperature_and_the_max_tokens_cap():
+    from modelendpoint_runtime.settings import generation_overrides
+
+    s = load_settings({**BASE, "LIMIT_MAX_TOKENS": "1024"})
+    # max_new_tokens is vLLM's default max_tokens for a request that omits it
+    # (and its server-wide ceiling): without it the cap would not hold.
+    assert generation_overrides(s) == {"temperature": 0.7, "max_new_tokens": 1024}
+    # The user's values win, except that max_new_tokens cannot lift the cap.
+    assert generation_overrides(s, {"temperature": 0.2, "top_k": 5}) == {"temperature": 0.2, "top_k": 5, "max_new_tokens": 1024}
+    assert generation_overrides(s, {"max_new_tokens": 64})["max_new_tokens"] == 64
+    assert generation_overrides(s, {"max_new_tokens": 99999})["max_new_tokens"] == 1024
+
+
+def test_parse_engine_args_merges_generation_defaults_with_vllm_extra_args():
+    # Through vLLM's own parser: the user's --override-generation-config (JSON
+    # or dotted syntax) is merged, the user's value winning.
+    from modelendpoint_runtime.engine import parse_engine_args
+
+    s = load_settings({**BASE, "LIMIT_MAX_TOKENS": "300"})
+    args = parse_engine_args(engine_argv(s), "", s)
+    assert args.override_generation_config == {"temperature": 0.7, "max_new_tokens": 300}
+    extra = """--override-generation-config '{"temperature": 0.3, "top_p": 0.9}'"""
+    s = load_settings({**BASE, "LIMIT_MAX_TOKENS": "300", "VLLM_EXTRA_ARGS": extra})
+    args = parse_engine_args(engine_argv(s), extra, s)
+    assert args.override_generation_config == {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 300}
+    extra = "--override-generation-config.max_new_tokens 50"
+    s = load_settings({**BASE, "VLLM_EXTRA_ARGS": extra})
+    args = parse_engine_args(engine_argv(s), extra, s)
+    assert args.override_generation_config == {"temperature": 0.7, "max_new_tokens": 50}
+
+
+# listening socket: bound before anything heavy ----------------------------------
+
+
+def test_busy_port_exits_2_with_one_line_naming_port_before_loading_anything():
+    import socket
+    import time
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        started = time.monotonic()
+        # The console script itself (the image's entrypoint).
+        script = str(Path(sys.executable).with_name("modelendpoint-runtime"))
+        proc = subprocess.run([script], env={"PATH": "/usr/bin:/bin", "MODEL_NAME": "/no/such/model",
+                                             "HOST": "127.0.0.1", "PORT": str(port)},
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        elapsed = time.monotonic() - started
+    finally:
+        busy.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        f"modelendpoint-runtime: invalid PORT={port}: the port is already in use on 127.0.0.1; "
+        f"accepted values: a free port, {ACCEPTED['PORT']}"
+    ]
+    assert elapsed < 10  # vLLM (and torch) were never imported
+
+
+@pytest.mark.parametrize("host", ["203.0.113.7", "no host"])
+def test_bad_host_exits_2_with_one_line_naming_host(host):
+    proc = _run_main({"MODEL_NAME": "m", "HOST": host, "PORT": "8000"})
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"modelendpoint-runtime: invalid HOST={host!r}") and "Traceback" not in proc.stderr
