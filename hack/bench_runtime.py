@@ -105,11 +105,16 @@ def start(kind: str, model_dir: Path, workdir: Path, slot: str | None = None) ->
         cmd = [sys.executable, "-m", "modelendpoint_runtime"]
         base, ready = f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/ready"
     else:
+        from modelendpoint_runtime.settings import generation_overrides, load_settings
+
+        # The runtime's default sampling parameters (the guide's temperature, the
+        # max_tokens cap), so both engines are configured alike to the last option.
+        defaults = generation_overrides(load_settings({"MODEL_NAME": str(model_dir)}))
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", SERVED, "--api-key", KEY, "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", ENGINE["max_model_len"], "--max-num-seqs", ENGINE["max_num_seqs"],
-            "--dtype", ENGINE["dtype"],
+            "--dtype", ENGINE["dtype"], "--override-generation-config", json.dumps(defaults),
         ]  # fmt: skip
         base, ready = f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/health"
     print(f"==> starting {kind}: {' '.join(cmd[1:4])} ...", file=sys.stderr, flush=True)

@@ -290,6 +290,25 @@ def _state_dir() -> Path:
     return localcluster.default_cache_dir() / "dev"
 
 
+class StopOnSignal:
+    """`make dev`'s SIGTERM (`make dev-down`) and SIGINT (Ctrl-C) handler.
+
+    The first signal interrupts what runs (KeyboardInterrupt), and the clean-up
+    starts. Later ones only get a word: interrupting the clean-up half-way
+    (a second `make dev-down`, an impatient Ctrl-C) would leave processes behind.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, *_: object) -> None:
+        if self.stopping:
+            print("==> already stopping", file=sys.stderr, flush=True)
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--down", action="store_true", help="stop a running `make dev`")
@@ -316,14 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     pidfile.write_text(str(os.getpid()))
-    stopping = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-        raise KeyboardInterrupt
-
+    on_signal = StopOnSignal()
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     cp = stack = None
     try:
         step("starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)")
@@ -358,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         step(f"failed: {exc}")
         return 1
     finally:
+        on_signal.stopping = True  # from here on, signals must not cut the clean-up short
         if stack:
             stack.stop()
         if cp:

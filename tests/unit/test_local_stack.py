@@ -1,18 +1,23 @@
-"""Pure parts of the local stack: image entrypoints, $(VAR) expansion, ingress
-routing, node capacity; and that its processes die with whoever started them."""
+"""The local stack's parts without a cluster: image entrypoints, $(VAR) expansion,
+ingress routing, node capacity, that its processes die with whoever started them,
+and `make dev`'s pidfile, port checks, progress output, signals and testbed build."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
-import pytest
-
+import dev
 import localingress
 import localnode
+import pytest
 from waiting import wait_for
 
 
@@ -102,12 +107,6 @@ def test_a_started_process_dies_with_its_starter_even_on_sigkill():
 
 
 # --- `make dev`: the pidfile, the ingress port, liveness and progress --------------
-
-import json  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-
-import dev  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -296,7 +295,6 @@ def test_wait_ready_stops_when_a_process_of_the_stack_dies():
 
 # --- hack/build-testbed.sh: a cold Kubernetes build reports progress ----------------
 
-from pathlib import Path  # noqa: E402
 
 BUILD_TESTBED = Path(__file__).resolve().parents[2] / "hack" / "build-testbed.sh"
 
@@ -419,3 +417,12 @@ def test_wait_listening_returns_once_the_ingress_listens_and_fails_fast_if_it_di
         dev.LocalStack(cp=None, work_dir=tmp_path, ingress_port=port,
                        pids={"localingress": dead.pid}).wait_listening(timeout=30)
     assert time.monotonic() - started < 5
+
+
+def test_only_the_first_stop_signal_interrupts_make_dev(capsys):
+    on_signal = dev.StopOnSignal()
+    with pytest.raises(KeyboardInterrupt):
+        on_signal(signal.SIGTERM, None)
+    on_signal(signal.SIGTERM, None)  # a second `make dev-down` during the clean-up
+    on_signal(signal.SIGINT, None)
+    assert capsys.readouterr().err.count("already stopping") == 2
