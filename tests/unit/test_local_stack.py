@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import dev
@@ -386,10 +385,9 @@ def test_helm_install_stops_waiting_when_the_local_node_dies(tmp_path):
         if len(calls) == 3:
             raise RuntimeError("localnode exited")
 
-    started = time.monotonic()
+    # Without the checks, helm_install would return normally after helm's 300 s.
     with pytest.raises(RuntimeError, match="localnode exited"):
         dev.helm_install(cp, check_alive=dies_on_the_third_check)
-    assert time.monotonic() - started < 10
 
 
 def test_helm_install_fails_with_helms_exit_status(tmp_path):
@@ -412,11 +410,10 @@ def test_wait_listening_returns_once_the_ingress_listens_and_fails_fast_if_it_di
         alive.wait()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    started = time.monotonic()
+    # Without the check it would time out (TimeoutError), not name the dead process.
     with pytest.raises(RuntimeError, match="localingress exited"):
         dev.LocalStack(cp=None, work_dir=tmp_path, ingress_port=port,
                        pids={"localingress": dead.pid}).wait_listening(timeout=30)
-    assert time.monotonic() - started < 5
 
 
 def test_only_the_first_stop_signal_interrupts_make_dev(capsys):
