@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,13 @@ import yaml
 from openai import OpenAI
 
 import dev
+from processes import proc_stat, running
 from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(1500)
 
 ROLE = "model"  # a non-default responseRole, so the test sees it come through
+RUNTIME_PORT = 8000  # the runtime container's port in the pods the operator writes
 
 
 def _mep(cp, name, ns):
@@ -35,12 +36,6 @@ def _runtime_pod_ips(cp, name, ns) -> set[str]:
         for p in pods
         if p["metadata"]["name"].startswith(name + "-") and p["status"].get("podIP")
     }
-
-
-def _listening(ip: str, port: int = 8000) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((ip, port)) == 0
 
 
 def _proc_entries():
@@ -76,12 +71,9 @@ def _runtime_pids(ips: set[str]) -> dict[str, int]:
 def _live_members(pgids: set[int]) -> set[int]:
     """Processes, other than zombies, still in any of the process groups ``pgids``."""
     alive = set()
-    for pid, entry in _proc_entries():
-        try:
-            state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:
-            continue
-        if int(pgrp) in pgids and state != "Z":
+    for pid, _ in _proc_entries():
+        stat = proc_stat(pid)
+        if stat is not None and stat[2] in pgids and running(pid):
             alive.add(pid)
     return alive
 
@@ -132,11 +124,11 @@ def test_modelendpoint_serves_through_ingress_scales_and_goes_away(e2e_cluster):
     wait_for(both_serve, timeout=120, what="answers from both replicas")
 
     ips = _runtime_pod_ips(cp, name, ns)
-    assert len(ips) == 2 and all(_listening(ip) for ip in ips)
+    assert len(ips) == 2 and all(dev.port_accepts(ip, RUNTIME_PORT) for ip in ips)
     pids = _runtime_pids(ips)
     assert set(pids) == ips, f"runtime processes found by pod IP: {pids}"
     cp.kubectl("delete", f"modelendpoint/{name}", "-n", ns, "--wait=true")
-    wait_for(lambda: not any(_listening(ip) for ip in ips), timeout=180,
+    wait_for(lambda: not any(dev.port_accepts(ip, RUNTIME_PORT) for ip in ips), timeout=180,
              what="the runtime processes to stop listening", interval=1)
     # Gone by PID, the engine's worker processes in their groups included.
     wait_for(lambda: not _live_members(set(pids.values())), timeout=60,

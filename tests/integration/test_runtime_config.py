@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from fixtures_runtime import RUNTIME_TEST_ENV, free_port, start_runtime, stop_shared_runtime
+from processes import running
 from waiting import wait_for
 
 
@@ -89,14 +90,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _health(port: int) -> str | None:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("status")
@@ -126,7 +119,7 @@ def test_sigterm_while_loading_stops_at_once(embedded_model_dir, tmp_path):
         assert code == 0, text[-3000:]
         # It did not wait for the load: the model never became ready; the load was cancelled.
         assert '"msg":"ready"' not in text and '"msg":"load cancelled"' in text, text[-3000:]
-        wait_for(lambda: not any(_alive(c) for c in children), timeout=15, interval=0.2,
+        wait_for(lambda: not any(running(c) for c in children), timeout=15, interval=0.2,
                  what="the engine process to be gone")  # fmt: skip
     finally:
         if proc.poll() is None:

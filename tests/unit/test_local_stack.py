@@ -17,6 +17,7 @@ import dev
 import localingress
 import localnode
 import pytest
+from processes import running
 from waiting import wait_for
 
 
@@ -93,16 +94,8 @@ def test_a_started_process_dies_with_its_starter_even_on_sigkill():
     os.kill(starter.pid, signal.SIGKILL)
     starter.wait()
 
-    def gone() -> bool:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return True
-        # Reaped by init once it has exited; a zombie counts as gone.
-        with open(f"/proc/{child}/stat") as stat:
-            return stat.read().split(") ")[1].startswith("Z")
-
-    wait_for(gone, timeout=10, what="the child of a SIGKILLed starter to exit", interval=0.05)
+    # Reaped by init once it has exited; a zombie counts as gone.
+    wait_for(lambda: not running(child), timeout=10, what="the child of a SIGKILLed starter to exit", interval=0.05)
 
 
 # --- `make dev`: the pidfile, the ingress port, liveness and progress --------------
