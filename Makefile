@@ -57,5 +57,5 @@ bench-runtime: setup embedded-model ## this runtime against vLLM's own OpenAI se
 bench-operator: setup testbed ## 1,000 ModelEndpoints on the local control plane
 	@$(PY) hack/bench_operator.py
 
-lock: ## recompile the pinned requirement files after changing a dependency
-	@hack/lock.sh
+lock: setup ## recompile the pinned requirement files after changing a dependency
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" hack/lock.sh
