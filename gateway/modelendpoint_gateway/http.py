@@ -1,0 +1,713 @@
+"""HTTP/1.1 on asyncio protocols with httptools: the server side, and pooled upstream connections.
+
+Why not a framework: a proxied stream costs, per chunk, one ``data_received``
+from the replica's socket, one ``on_body`` from the C parser and one
+``transport.write`` to the client, all inside a single callback. No coroutine
+is woken and nothing is parsed or copied beyond the chunk framing. A
+framework's streaming response (an async iterator feeding a send coroutine)
+costs several task switches per chunk; at thousands of concurrent streams
+that is most of a core.
+
+Server: one request at a time per connection (pipelined requests are queued
+and answered in order), limits on header and body size, an idle timeout for
+keep-alive connections, and back-pressure: when a client reads slower than
+the replica writes, the replica's socket stops being read.
+
+Upstream: keep-alive connections per replica address, reused most recently
+used first and dropped after ``idle_seconds`` (below the runtime's own
+keep-alive timeout, so the replica never closes a connection the gateway is
+about to use... nearly: a reused connection that fails before any byte of an
+answer is retried on a fresh one by the caller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import http
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httptools
+
+logger = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+
+# Not forwarded either way: they describe one hop, not the message.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+    b"proxy-authenticate", b"proxy-authorization", b"content-length", b"host", b"expect",
+})
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_CRLF = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def status_line(status: int, version: bytes = b"1.1") -> bytes:
+    return b"HTTP/" + version + b" %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+
+
+class HeaderTooLarge(Exception):
+    pass
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Request:
+    """One parsed request: method, target, headers (names lower-case), complete body."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
+                 "received_at", "peer", "content_length")
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = b""
+        self.path = ""
+        self.query = b""
+        self.version = "1.1"
+        self.headers: Headers = []
+        self.body = b""
+        self.keep_alive = True
+        self.received_at = 0.0
+        self.peer = ""
+        self.content_length: int | None = None
+
+    def header(self, name: bytes) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return v.decode("latin-1")
+        return None
+
+
+class Responder:
+    """Writes one response to the client connection: head, body chunks, end."""
+
+    __slots__ = ("conn", "transport", "chunked", "started", "finished", "status", "close_after", "head_only",
+                 "first_byte_at", "bytes_out", "_raw")
+
+    def __init__(self, conn: ServerConnection, request: Request) -> None:
+        self.conn = conn
+        self.transport = conn.transport
+        self.chunked = False
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.close_after = not request.keep_alive
+        self.head_only = request.method == "HEAD"
+        self.first_byte_at = 0.0
+        self.bytes_out = 0
+        self._raw = request.version == "1.0"
+
+    @property
+    def client_gone(self) -> bool:
+        return self.conn.closed
+
+    def start(self, status: int, headers: Headers, content_length: int | None = None) -> None:
+        """Send the status line and headers; without a length the body is chunked (close-delimited on HTTP/1.0)."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self.status = status
+        parts = [status_line(status)]
+        for name, value in headers:
+            parts += (name, b": ", value, _CRLF)
+        if self.conn.server.draining:
+            self.close_after = True
+        if content_length is not None:
+            parts.append(b"content-length: %d\r\n" % content_length)
+        elif self._raw:
+            self.close_after = True
+        else:
+            self.chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if self.close_after:
+            parts.append(b"connection: close\r\n")
+        parts.append(_CRLF)
+        if not self.conn.closed:
+            self.transport.write(b"".join(parts))
+        if self.head_only:
+            self.chunked = False
+
+    def write(self, data: bytes) -> None:
+        """One piece of the body (the hot path of a stream)."""
+        if not data or self.head_only or self.conn.closed:
+            return
+        self.bytes_out += len(data)
+        if self.chunked:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.transport.write(data)
+
+    def end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.chunked and not self.conn.closed:
+            self.transport.write(_LAST_CHUNK)
+        self.conn.response_done(self)
+
+    def send(self, status: int, headers: Headers, body: bytes) -> None:
+        """A whole small response at once."""
+        self.start(status, headers, len(body))
+        self.write(body)
+        self.end()
+
+    def abort(self) -> None:
+        """Close the connection without finishing the body (the client sees a truncated response)."""
+        self.finished = True
+        self.conn.abort()
+
+    async def drain(self) -> None:
+        await self.conn.drain()
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+class HTTPServer:
+    """Connections and their lifecycle; ``handler`` answers every request."""
+
+    def __init__(self, handler: Handler, *, max_header_bytes: int, max_body_bytes: int, idle_seconds: float,
+                 on_error: Callable[[Request | None, Responder | None, int, str], bytes] | None = None) -> None:
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.idle_seconds = idle_seconds
+        # Renders a protocol-level error (400, 413, 431) as a body; set by the app for OpenAI's shape.
+        self.on_error = on_error
+        self.connections: set[ServerConnection] = set()
+        self.draining = False
+        self.in_flight = 0
+        self.servers: list[asyncio.base_events.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._idle_event = asyncio.Event()
+
+    def protocol(self) -> ServerConnection:
+        return ServerConnection(self)
+
+    async def listen(self, host: str, port: int, *, sock: socket.socket | None = None,
+                     backlog: int = 2048) -> asyncio.base_events.Server:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            server = await loop.create_server(self.protocol, sock=sock, backlog=backlog)
+        else:
+            server = await loop.create_server(self.protocol, host, port, backlog=backlog, reuse_address=True)
+        self.servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
+        return server
+
+    async def _sweep(self) -> None:
+        """Close keep-alive connections idle longer than ``idle_seconds`` (also slow-loris headers)."""
+        loop = asyncio.get_running_loop()
+        period = min(5.0, max(0.5, self.idle_seconds / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for conn in list(self.connections):
+                if conn.current is None and now - conn.last_activity > self.idle_seconds:
+                    conn.abort()
+
+    def stop_listening(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def start_drain(self) -> None:
+        """No new connections; idle keep-alive ones close; busy ones close after their response."""
+        self.draining = True
+        self.stop_listening()
+        for conn in list(self.connections):
+            if conn.current is None and not conn.queue:
+                conn.abort()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True) or ``timeout`` passed (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.in_flight > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._idle_event.clear()
+            try:
+                await asyncio.wait_for(self._idle_event.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                pass
+        return True
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self._idle_event.set()
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self.queue: collections.deque[Request] = collections.deque()
+        self.current: Responder | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = 0.0
+        self.peer = ""
+        # Request being parsed.
+        self._req: Request | None = None
+        self._url = bytearray()
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._head_size = 0
+        self._in_head = True
+        # Back-pressure: who to pause while the client's socket buffer is full.
+        self.write_paused = False
+        self.paused_reader: asyncio.Transport | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self.last_activity = self.loop.time()
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) and peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HeaderTooLarge):
+                self._protocol_error(431, "headers")
+            elif isinstance(cause, BodyTooLarge):
+                self._protocol_error(413, "body")
+            else:
+                logger.error("HTTP parser callback failed", exc_info=cause)
+                self._protocol_error(400, "callback")
+            return
+        except httptools.HttpParserUpgrade:
+            self._protocol_error(400, "protocol upgrades (WebSocket, h2c) are not supported")
+            return
+        except httptools.HttpParserError as exc:
+            self._protocol_error(400, str(exc) or "invalid HTTP")
+            return
+        if self._in_head:
+            # Still inside a request head after parsing all of it: these bytes are head bytes,
+            # which httptools keeps until a header line ends; bound them here.
+            self._head_size += len(data)
+            if self._head_size > self.server.max_header_bytes:
+                self._protocol_error(431, "headers")
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes is gone for our purposes: stop its work.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.paused_reader is not None:
+            self.paused_reader = None
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.paused_reader is not None:
+            self.paused_reader.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.paused_reader is not None:
+            self.paused_reader.resume_reading()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.closed:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+
+    # --- httptools callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._req = Request()
+        self._url = bytearray()
+        self._body = []
+        self._body_size = 0
+        self._in_head = True
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.server.max_header_bytes:
+            raise HeaderTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._req
+        assert req is not None
+        req.headers.append((name.lower(), value))
+        if len(req.headers) > 1000:
+            raise HeaderTooLarge()
+
+    def on_headers_complete(self) -> None:
+        req = self._req
+        assert req is not None
+        if len(self._url) + sum(len(k) + len(v) + 4 for k, v in req.headers) > self.server.max_header_bytes:
+            raise HeaderTooLarge()
+        self._in_head = False
+        req.method = self.parser.get_method().decode("latin-1")
+        req.version = self.parser.get_http_version()
+        req.keep_alive = self.parser.should_keep_alive()
+        req.target = bytes(self._url)
+        path, _, query = req.target.partition(b"?")
+        req.path = path.decode("latin-1")
+        req.query = query
+        req.peer = self.peer
+        length = req.header(b"content-length")
+        if length is not None and length.strip().isdigit():
+            req.content_length = int(length)
+            if req.content_length > self.server.max_body_bytes:
+                raise BodyTooLarge()
+        if (req.header(b"expect") or "").lower() == "100-continue" and self.current is None and not self.queue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.server.max_body_bytes:
+            raise BodyTooLarge()
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self._req
+        assert req is not None
+        self._req = None
+        self._in_head = True
+        self._head_size = 0
+        req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = []
+        req.received_at = self.loop.time()
+        self.queue.append(req)
+        if len(self.queue) > 32 and not self._reading_paused:
+            # A client pipelining without reading: stop taking more until we catch up.
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if self.current is None:
+            self._next()
+
+    # --- dispatch -----------------------------------------------------------------------
+
+    def _next(self) -> None:
+        if self.closed or not self.queue:
+            return
+        req = self.queue.popleft()
+        if self._reading_paused and len(self.queue) < 8:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        responder = Responder(self, req)
+        self.current = responder
+        self.server.in_flight += 1
+        self.task = self.loop.create_task(self._run(req, responder))
+
+    async def _run(self, req: Request, responder: Responder) -> None:
+        try:
+            await self.server.handler(req, responder)
+        except asyncio.CancelledError:
+            if not responder.finished:
+                responder.abort()
+            raise
+        except Exception:  # noqa: BLE001 - a bug must cost one request, not the connection's others
+            logger.exception("request handler failed")
+            if not responder.started and not self.closed:
+                body = self.server.on_error(req, responder, 500, "internal") if self.server.on_error else b""
+                responder.send(500, [(b"content-type", b"application/json")], body)
+            elif not responder.finished:
+                responder.abort()
+        finally:
+            self.server._request_finished()
+            if not responder.finished:
+                responder.end()
+
+    def response_done(self, responder: Responder) -> None:
+        if responder is not self.current:
+            return
+        self.current = None
+        self.task = None
+        self.paused_reader = None
+        self.last_activity = self.loop.time()
+        if responder.close_after or self.closed:
+            self.abort(graceful=True)
+            return
+        if self.server.draining and not self.queue:
+            self.abort(graceful=True)
+            return
+        if self.queue:
+            self.loop.call_soon(self._next)
+
+    def abort(self, graceful: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if graceful:
+            self.transport.close()  # flushes what is buffered first
+        else:
+            self.transport.abort()
+
+    def _protocol_error(self, status: int, detail: str) -> None:
+        """An unparsable or oversized request: answer it (if nothing is being answered) and close."""
+        if self.closed:
+            return
+        if self.current is None:
+            body = self.server.on_error(self._req, None, status, detail) if self.server.on_error else b""
+            head = status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n" \
+                b"connection: close\r\n\r\n" % len(body)
+            self.transport.write(head + body)
+        self.abort(graceful=True)
+
+
+# --- upstream --------------------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """The replica's connection failed; ``before_response``: no byte of an answer arrived."""
+
+    def __init__(self, message: str, before_response: bool) -> None:
+        super().__init__(message)
+        self.before_response = before_response
+
+
+class Exchange:
+    """One request/response on an upstream connection, fed by the connection's parser callbacks."""
+
+    __slots__ = ("status", "headers", "keep_alive", "head", "done", "sink", "_buffer", "framed", "bytes_in")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.status = 0
+        self.headers: Headers = []
+        self.keep_alive = True
+        self.head: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._buffer: list[bytes] = []
+        self.sink: Callable[[bytes], Any] = self._keep
+        self.framed = False  # content-length or chunked (else: ends when the connection closes)
+        self.bytes_in = 0
+
+    def _keep(self, piece: bytes) -> None:
+        self._buffer.append(piece)
+
+    def set_sink(self, sink: Callable[[bytes], Any]) -> None:
+        """Body pieces go to ``sink`` from now on (those buffered so far first)."""
+        buffered, self._buffer = self._buffer, []
+        self.sink = sink
+        for piece in buffered:
+            # self.sink, not sink: a sink may replace itself (the first-byte timer does).
+            self.sink(piece)
+
+    def buffered(self) -> bytes:
+        """What arrived while nobody took it (the whole body of an answer that is not streamed on)."""
+        out = b"".join(self._buffer)
+        self._buffer.clear()
+        return out
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.head.done():
+            self.head.set_exception(exc)
+            # Nobody may await ``done`` if ``head`` failed: keep asyncio from warning.
+            self.done.set_exception(exc)
+            self.done.exception()
+        elif not self.done.done():
+            self.done.set_exception(exc)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A keep-alive connection to one replica."""
+
+    def __init__(self, pool: Pool, address: tuple[str, int]) -> None:
+        self.pool = pool
+        self.address = address
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.used = 0
+        self.got_bytes = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def request(self, head: bytes, body: bytes) -> Exchange:
+        ex = Exchange(asyncio.get_event_loop())
+        self.exchange = ex
+        self.got_bytes = False
+        self.used += 1
+        self.parser = httptools.HttpResponseParser(self) if self.used > 1 else self.parser
+        if body:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
+        return ex
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            ex = self.exchange
+            self.close()
+            if ex is not None:
+                ex.fail(UpstreamError(f"invalid HTTP from the replica: {exc}", not ex.head.done()))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        ex.status = self.parser.get_status_code()
+        ex.keep_alive = self.parser.should_keep_alive()
+        for k, v in ex.headers:
+            if k == b"content-length" or (k == b"transfer-encoding" and b"chunked" in v.lower()):
+                ex.framed = True
+        if not ex.head.done():
+            ex.head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.bytes_in += len(body)
+            ex.sink(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        self.exchange = None
+        if not ex.head.done():  # a 1xx the parser completed: ignore it
+            self.exchange = ex
+            return
+        if not ex.done.done():
+            ex.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        ex = self.exchange
+        self.exchange = None
+        if ex is None:
+            return
+        if ex.head.done() and not ex.framed and not ex.done.done():
+            ex.done.set_result(None)  # a close-delimited body ends here
+            return
+        ex.fail(UpstreamError(f"connection to the replica lost ({exc or 'closed'})", not self.got_bytes))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    @property
+    def reusable(self) -> bool:
+        return not self.closed and self.exchange is None
+
+
+class Pool:
+    """Idle keep-alive connections per replica address."""
+
+    def __init__(self, *, connect_timeout: float, idle_seconds: float, max_idle_per_address: int) -> None:
+        self.connect_timeout = connect_timeout
+        self.idle_seconds = idle_seconds
+        self.max_idle = max_idle_per_address
+        self.idle: dict[tuple[str, int], collections.deque[tuple[UpstreamConnection, float]]] = {}
+        self.opened = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def get(self, host: str, port: int) -> tuple[UpstreamConnection, bool]:
+        """A connection to ``host:port`` and whether it was reused; OSError/TimeoutError if none can be made."""
+        loop = asyncio.get_running_loop()
+        address = (host, port)
+        idle = self.idle.get(address)
+        if idle:
+            now = loop.time()
+            while idle:
+                conn, since = idle.pop()
+                if not conn.closed and now - since < self.idle_seconds:
+                    return conn, True
+                conn.close()
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConnection(self, address), host, port),
+            self.connect_timeout)
+        self.opened += 1
+        return conn, False
+
+    def put(self, conn: UpstreamConnection, keep_alive: bool) -> None:
+        """Give back a connection whose exchange finished; it is kept only if reusable."""
+        if not keep_alive or not conn.reusable or self.max_idle == 0:
+            conn.close()
+            return
+        idle = self.idle.setdefault(conn.address, collections.deque())
+        if len(idle) >= self.max_idle:
+            conn.close()
+            return
+        if conn.transport.is_reading() is False:
+            conn.transport.resume_reading()
+        idle.append((conn, asyncio.get_event_loop().time()))
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.25, self.idle_seconds / 4))
+            now = loop.time()
+            for address in list(self.idle):
+                idle = self.idle[address]
+                while idle and (idle[0][0].closed or now - idle[0][1] >= self.idle_seconds):
+                    idle.popleft()[0].close()
+                if not idle:
+                    del self.idle[address]
+
+    def drop(self, address: tuple[str, int]) -> None:
+        """Close the idle connections to a replica that went away."""
+        for conn, _ in self.idle.pop(address, ()):
+            conn.close()
+
+    def close(self) -> None:
+        for address in list(self.idle):
+            self.drop(address)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

@@ -1,0 +1,108 @@
+"""Who owns a served model name: one pure rule shared by the operator and the gateway.
+
+Two ModelEndpoints in one scope (the namespaces a gateway serves, or an
+operator watches) may announce the same ``status.servedModelName``. Exactly
+one of them gets the name's traffic: among those not being deleted, the one
+with the oldest ``metadata.creationTimestamp``; ties (timestamps have second
+resolution) go to the smallest ``(namespace, name)``. The operator sets the
+condition ``Routable=False`` (reason ``ServedNameConflict``) on the others;
+the gateway routes the name to the owner only. Both call the functions here,
+so they can never disagree about the winner.
+
+A ModelEndpoint without ``status.servedModelName`` (no status written yet)
+claims nothing. Plain functions on the objects as the API server returns them
+(dicts); no I/O.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Objects without a parsable creationTimestamp sort after every real one.
+_NEVER = datetime.datetime.max.replace(tzinfo=datetime.UTC)
+
+
+@dataclass(frozen=True, order=True)
+class Claim:
+    """One ModelEndpoint's claim on a served name; ordering = precedence (smallest wins)."""
+
+    created: datetime.datetime
+    namespace: str
+    name: str
+    served_name: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+def parse_timestamp(value: Any) -> datetime.datetime:
+    """An RFC 3339 time as the API server writes it (``2026-01-02T03:04:05Z``), UTC-aware."""
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+    if not isinstance(value, str) or not value:
+        return _NEVER
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return _NEVER
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def claim_of(obj: Mapping[str, Any]) -> Claim | None:
+    """The claim of one ModelEndpoint object, or None when it claims nothing."""
+    meta = obj.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return None
+    served = (obj.get("status") or {}).get("servedModelName")
+    if not isinstance(served, str) or not served:
+        return None
+    return Claim(parse_timestamp(meta.get("creationTimestamp")), str(meta.get("namespace") or ""),
+                 str(meta.get("name") or ""), served)
+
+
+def winner(claims: Iterable[Claim]) -> Claim | None:
+    """The claim that owns the name among ``claims`` (all for the same name)."""
+    return min(claims, default=None)
+
+
+def owners(objects: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    """served name -> (namespace, name) of the ModelEndpoint that owns it."""
+    best: dict[str, Claim] = {}
+    for obj in objects:
+        claim = claim_of(obj)
+        if claim is None:
+            continue
+        current = best.get(claim.served_name)
+        if current is None or claim < current:
+            best[claim.served_name] = claim
+    return {name: claim.key for name, claim in best.items()}
+
+
+def conflicts(objects: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(namespace, name) of each ModelEndpoint that loses its served name -> the owner's.
+
+    The operator sets ``Routable=False`` with reason ``ServedNameConflict`` on
+    exactly these, naming the owner in the message; every other ModelEndpoint
+    with a served name is routable.
+    """
+    objs = list(objects)
+    owner_of = owners(objs)
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for obj in objs:
+        claim = claim_of(obj)
+        if claim is not None and owner_of[claim.served_name] != claim.key:
+            out[claim.key] = owner_of[claim.served_name]
+    return out
+
+
+def conflict_message(served_name: str, owner: tuple[str, str]) -> str:
+    """The text of the ``Routable=False`` condition (one wording for the operator and the docs)."""
+    return (f"served model name {served_name!r} is owned by ModelEndpoint {owner[0]}/{owner[1]} "
+            "(the oldest one with that name); this one gets no gateway traffic")
