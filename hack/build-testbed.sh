@@ -3,7 +3,11 @@
 # cache folder outside the repository, once per machine:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
 #   (from k8s.io/kubernetes through the wrapper module in hack/testbed/kubernetes),
-#   kwok and helm (go install at pinned versions).
+#   kwok and helm (go install at pinned versions);
+#   the node's kubelet and kube-proxy (same module, same version) and, into a
+#   folder of their own keyed by their versions, containerd, runc and crictl
+#   (go install at pinned versions; runc needs cgo and libseccomp-dev, which
+#   hack/node/host-setup.sh installs).
 # Prints the bin folder as its last line. A second run builds nothing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -50,7 +54,7 @@ go_build_progress() {
   step "go build: $n packages compiled in $(elapsed "$start")"
 }
 
-k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 missing=()
 for c in "${k8s_cmds[@]}"; do [ -x "$bin/$c" ] || missing+=("k8s.io/kubernetes/cmd/$c"); done
 [ -x "$bin/etcd" ] || missing+=("./cmd/etcd")
@@ -91,4 +95,37 @@ if [ ! -x "$bin/helm" ]; then
   step "building helm ${HELM_VERSION}"
   GOBIN="$bin" go install -ldflags "$ldflags -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
 fi
+
+# containerd, runc and crictl for the node, through the wrapper module in
+# hack/testbed/node, into a folder keyed by their versions so that a new pin
+# rebuilds only them (hack/node/config.py computes the same folder).
+node_bin="$cache/node-containerd-${CONTAINERD_VERSION}-runc-${RUNC_VERSION}-crictl-${CRICTL_VERSION}/bin"
+mkdir -p "$node_bin"
+node_mod="$here/testbed/node"
+for pin in "github.com/containerd/containerd/v2 $CONTAINERD_VERSION" "github.com/opencontainers/runc $RUNC_VERSION" \
+           "sigs.k8s.io/cri-tools $CRICTL_VERSION"; do
+  grep -q "^	$pin\$" "$node_mod/go.mod" || {
+    echo "build-testbed: hack/versions.env pins $pin, hack/testbed/node/go.mod does not (edit both)" >&2; exit 1; }
+done
+node_build() {  # name, then go build arguments
+  local name="$1"; shift
+  [ -x "$node_bin/$name" ] && return 0
+  step "building $name"
+  rm -rf "$node_bin/.partial" && mkdir -p "$node_bin/.partial"
+  (cd "$node_mod" && go build -o "$node_bin/.partial/" "$@")
+  mv "$node_bin/.partial/$name" "$node_bin/$name" && rm -rf "$node_bin/.partial"
+}
+ctrd=github.com/containerd/containerd/v2
+# Static, without the btrfs snapshotter (it needs cgo and btrfs headers; overlayfs is used).
+CGO_ENABLED=0 node_build containerd -tags "no_btrfs urfave_cli_no_docs" \
+  -ldflags "$ldflags -X $ctrd/version.Version=${CONTAINERD_VERSION}" "$ctrd/cmd/containerd"
+CGO_ENABLED=0 node_build containerd-shim-runc-v2 -tags "no_btrfs urfave_cli_no_docs no_grpc" \
+  -ldflags "$ldflags -X $ctrd/version.Version=${CONTAINERD_VERSION}" "$ctrd/cmd/containerd-shim-runc-v2"
+CGO_ENABLED=0 node_build ctr -tags "no_btrfs urfave_cli_no_docs" \
+  -ldflags "$ldflags -X $ctrd/version.Version=${CONTAINERD_VERSION}" "$ctrd/cmd/ctr"
+# seccomp needs cgo and libseccomp; without the libpathrs tag runc uses its Go path resolution.
+CGO_ENABLED=1 node_build runc -tags "seccomp urfave_cli_no_docs" \
+  -ldflags "-X main.version=${RUNC_VERSION#v}" github.com/opencontainers/runc
+CGO_ENABLED=0 node_build crictl \
+  -ldflags "$ldflags -X sigs.k8s.io/cri-tools/pkg/version.Version=${CRICTL_VERSION}" sigs.k8s.io/cri-tools/cmd/crictl
 echo "$bin"

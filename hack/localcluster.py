@@ -37,14 +37,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from node import config as nodeconfig
+
 HACK_DIR = Path(__file__).resolve().parent
 REPO_DIR = HACK_DIR.parent
 
-# The simulated GPU node pool: names and nvidia.com/gpu capacity. No taints, so
-# an ordinary pod spec lands on them as it would on a GPU node pool.
+# The simulated GPU node pool: names and nvidia.com/gpu capacity. Tainted as real
+# GPU node pools are (GKE, AKS and the NVIDIA GPU operator's docs use this taint),
+# so a CPU pod never lands on a node that only pretends to run it; a pod asking
+# for nvidia.com/gpu gets the matching toleration from the API server's
+# ExtendedResourceToleration admission plugin, as on those clusters.
 GPU_NODES: tuple[tuple[str, int], ...] = (("kwok-gpu-0", 4), ("kwok-gpu-1", 8))
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
-SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR = nodeconfig.SERVICE_CIDR
 
 
 def default_cache_dir() -> Path:
@@ -134,8 +140,11 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def write_pki(pki: Path) -> None:
-    """CA, API server serving cert, admin client cert and the service-account key pair."""
+def write_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
+    """CA, API server serving cert, admin client cert and the service-account key pair.
+
+    ``extra_ips``: more addresses the API server's certificate is valid for (the
+    node address it binds when a real node runs beside it)."""
     pki.mkdir(parents=True, exist_ok=True)
     ca_key = _key()
     ca_name = _name("modelendpoint-testbed-ca")
@@ -149,6 +158,7 @@ def write_pki(pki: Path) -> None:
         x509.DNSName("kubernetes.default"),
         x509.DNSName("kubernetes.default.svc"),
         x509.DNSName("kubernetes.default.svc.cluster.local"),
+        *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
     ]
     srv = _cert(_name("kube-apiserver"), srv_key, ca_name, ca_key, sans=sans)
     admin_key = _key()
@@ -169,6 +179,20 @@ def write_pki(pki: Path) -> None:
     for name, data in files.items():
         (pki / name).write_bytes(data)
         (pki / name).chmod(0o600)
+
+
+def issue_client_cert(pki: Path, cn: str, org: str | None = None) -> tuple[bytes, bytes]:
+    """A client certificate from the test bed's CA (in ``pki``): (cert PEM, key PEM).
+
+    The API server maps CN to the user name and O to a group: a kubelet is
+    ``system:node:<node name>`` in ``system:nodes`` (the Node authorizer's rule).
+    """
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    key = _key()
+    cert = _cert(_name(cn, org), key, ca.subject, ca_key, client=True)
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
 def kubeconfig_yaml(server: str, pki: Path) -> str:
@@ -217,6 +241,7 @@ class ControlPlane:
     kubeconfig: Path
     pids: dict[str, int] = field(default_factory=dict)
     outlive_starter: bool = False
+    node_ip: str | None = None
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
     @property
@@ -359,6 +384,7 @@ def gpu_node_manifest(name: str, gpus: int) -> dict:
                 "nvidia.com/gpu.present": "true",
             },
         },
+        "spec": {"taints": [dict(GPU_TAINT)]},
         "status": {
             "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)},
             "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)},
@@ -366,28 +392,82 @@ def gpu_node_manifest(name: str, gpus: int) -> dict:
     }
 
 
-def start(state_dir: Path, bin_dir: Path | None = None, *, outlive_starter: bool = False) -> ControlPlane:
+def start(state_dir: Path, bin_dir: Path | None = None, *, outlive_starter: bool = False,
+          node_ip: str | None = None) -> ControlPlane:
     """Start etcd, the API server, controller-manager, scheduler and kwok; wait until usable.
 
-    They stop when the calling process ends, unless ``outlive_starter`` (`make cluster`)."""
+    They stop when the calling process ends, unless ``outlive_starter`` (`make cluster`).
+
+    ``node_ip``: for a cluster with a real node (hack/node), the node's address on
+    this machine (``node.config.NODE_IP``, set up by hack/node/host-setup.sh). The
+    API server then binds it instead of loopback and advertises it, so pods reach
+    it through the ``kubernetes`` Service, and it authenticates to the kubelet."""
     bin_dir = bin_dir or testbed_bin_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     pki = state_dir / "pki"
-    write_pki(pki)
+    write_pki(pki, (node_ip,) if node_ip else ())
     names = ("etcd", "etcd_peer", "apiserver", "kcm", "sched", "kwok")
     ports = dict(zip(names, free_ports(len(names))))
-    server = f"https://127.0.0.1:{ports['apiserver']}"
+    server = f"https://{node_ip or '127.0.0.1'}:{ports['apiserver']}"
     kubeconfig = state_dir / "kubeconfig"
     kubeconfig.write_text(kubeconfig_yaml(server, pki))
     kubeconfig.chmod(0o600)
     cp = ControlPlane(state_dir=state_dir, bin_dir=bin_dir, server=server, kubeconfig=kubeconfig,
-                      outlive_starter=outlive_starter)
+                      outlive_starter=outlive_starter, node_ip=node_ip)
     try:
         _start_processes(cp, pki, ports)
     except BaseException:
         cp.stop()
         raise
     return cp
+
+
+def apiserver_args(*, etcd_url: str, port: int, state_dir: Path, pki: Path,
+                   node_ip: str | None = None) -> list[str]:
+    """kube-apiserver's flags (without the binary)."""
+    args = [
+        f"--etcd-servers={etcd_url}",
+        f"--secure-port={port}",
+        f"--cert-dir={state_dir / 'apiserver-certs'}",
+        f"--tls-cert-file={pki / 'apiserver.crt'}",
+        f"--tls-private-key-file={pki / 'apiserver.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # Node: a kubelet (system:node:<name>) reads only what its own pods use.
+        "--authorization-mode=Node,RBAC",
+        # ExtendedResourceToleration: pods asking for an extended resource
+        # (nvidia.com/gpu) tolerate the taint of that name, so GPU pods land on the
+        # tainted GPU nodes without a toleration of their own, as on GKE and AKS.
+        # NodeRestriction: a kubelet may change only its own Node and its pods.
+        "--enable-admission-plugins=ExtendedResourceToleration,NodeRestriction",
+        "--allow-privileged=true",
+        "--profiling=false",
+        "--v=1",
+    ]
+    if node_ip:
+        args += [
+            f"--bind-address={node_ip}",
+            f"--advertise-address={node_ip}",
+            # The lease reconciler keeps the `kubernetes` Service's endpoint at
+            # node_ip, which kube-proxy sends pods' in-cluster API calls to.
+            "--endpoint-reconciler-type=lease",
+            # `kubectl logs`/`exec` go through the kubelet, which authenticates callers.
+            f"--kubelet-client-certificate={pki / 'admin.crt'}",
+            f"--kubelet-client-key={pki / 'admin.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+    else:
+        args += [
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            # The endpoint reconciler refuses a loopback address; nothing here needs
+            # the in-cluster `kubernetes` Service's endpoints.
+            "--endpoint-reconciler-type=none",
+        ]
+    return args
 
 
 def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None:
@@ -410,25 +490,8 @@ def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None
 
     _spawn(cp, "kube-apiserver", [
         str(b / "kube-apiserver"),
-        f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1",
-        "--advertise-address=127.0.0.1",
-        # The endpoint reconciler refuses a loopback address; nothing here needs
-        # the in-cluster `kubernetes` Service's endpoints.
-        "--endpoint-reconciler-type=none",
-        f"--secure-port={ports['apiserver']}",
-        f"--cert-dir={cp.state_dir / 'apiserver-certs'}",
-        f"--tls-cert-file={pki / 'apiserver.crt'}",
-        f"--tls-private-key-file={pki / 'apiserver.key'}",
-        f"--client-ca-file={pki / 'ca.crt'}",
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={pki / 'sa.pub'}",
-        f"--service-account-signing-key-file={pki / 'sa.key'}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--authorization-mode=RBAC",
-        "--allow-privileged=true",
-        "--profiling=false",
-        "--v=1",
+        *apiserver_args(etcd_url=etcd_url, port=ports["apiserver"], state_dir=cp.state_dir, pki=pki,
+                        node_ip=cp.node_ip),
     ])
     _wait("kube-apiserver /readyz", lambda: _https_ok(f"{cp.server}/readyz", pki), cp, 180,
           "kube-apiserver")
@@ -469,7 +532,7 @@ def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None
         # controller marks them NotReady every ~50 s and their pods unready.
         "--node-lease-duration-seconds=40",
         f"--server-address=127.0.0.1:{ports['kwok']}",
-        "--cidr=10.244.0.0/16",
+        f"--cidr={nodeconfig.KWOK_POD_CIDR}",
         "--node-ip=127.0.0.1",
     ])
     nodes = {"apiVersion": "v1", "kind": "List",

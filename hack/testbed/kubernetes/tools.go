@@ -1,12 +1,15 @@
 //go:build tools
 
-// Package tools pins the Kubernetes commands this module builds, so that
+// Package tools pins the Kubernetes commands this module builds (the control
+// plane's, and the node's kubelet and kube-proxy), so that
 // `go mod tidy` keeps their dependencies.
 package tools
 
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
