@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: help setup testbed embedded-model node-deps cluster cluster-down dev dev-down \
-        test test-unit test-integration test-e2e bench-runtime bench-operator lock
+        test test-unit test-integration test-e2e bench-runtime bench-operator crds lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench-runtime: setup embedded-model ## this runtime against vLLM's own OpenAI se
 
 bench-operator: setup testbed ## 1,000 ModelEndpoints on the local control plane
 	@$(PY) hack/bench_operator.py
+
+crds: setup ## regenerate crds/modelendpoints.yaml and docs/operator.md's field table from the typed models
+	@$(PY) -m modelendpoint_operator.crd crds/modelendpoints.yaml docs/operator.md
 
 lock: setup ## recompile the pinned requirement files after changing a dependency
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" hack/lock.sh

@@ -27,6 +27,14 @@ MANAGED_BY_VALUE = OPERATOR_NAME
 RUNTIME_CONTAINER = "runtime"
 RUNTIME_PORT = 8000
 RUNTIME_PORT_NAME = "http"
+# Prometheus metrics without a key (autoscaler scrapes); not exposed by the Service.
+RUNTIME_METRICS_PORT = 9400
+RUNTIME_METRICS_PORT_NAME = "metrics"
+# The API keys, as a file projected from the apiKeySecretRef Secret (API_KEY_FILE).
+API_KEY_VOLUME = "api-key"
+API_KEY_DIR = "/etc/modelendpoint/api-key"
+API_KEY_FILE_NAME = "keys"
+API_KEY_FILE = f"{API_KEY_DIR}/{API_KEY_FILE_NAME}"
 READY_PATH = "/ready"
 HEALTH_PATH = "/health"
 HF_HOME = "/var/cache/huggingface"
@@ -47,3 +55,17 @@ RUNTIME_UID = 10001
 RUNTIME_GID = 10001
 
 ANNOTATION_PREFIX = GROUP
+
+# Runtime variables the operator always sets from the ModelEndpoint's own fields: the
+# CRD refuses them in spec.env (a user value would break routing, auth or the probes).
+OPERATOR_SET_VARIABLES: tuple[str, ...] = (
+    "MODEL_NAME", "OPENAI_SERVED_MODEL_NAME_OVERRIDE", "ENDPOINT_ID", "HOST", "PORT", "METRICS_PORT",
+    "OPENAI_RESPONSE_ROLE", "RAW_OPENAI_OUTPUT", "DRAIN_TIMEOUT_SECONDS", "HF_HOME", "API_KEY",
+    "API_KEY_FILE", "VLLM_EXTRA_ARGS", "TENSOR_PARALLEL_SIZE",
+)
+# vLLM options the runtime sets itself: refused in engine.extraArgs by the CRD (and in
+# VLLM_EXTRA_ARGS by the runtime).
+RUNTIME_OWNED_OPTIONS: tuple[str, ...] = (
+    "--host", "--port", "--api-key", "--served-model-name", "--model", "--config", "--response-role",
+    "--uds", "--root-path",
+)

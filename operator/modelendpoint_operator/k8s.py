@@ -9,6 +9,7 @@ client's ``ApiException``; :func:`is_transient` tells handlers whether to retry.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     (c.API_VERSION, c.KIND): (f"/apis/{c.API_VERSION}", c.PLURAL, True),
     ("kopf.dev/v1", "ClusterKopfPeering"): ("/apis/kopf.dev/v1", "clusterkopfpeerings", False),
     ("kopf.dev/v1", "KopfPeering"): ("/apis/kopf.dev/v1", "kopfpeerings", True),
+    ("v1", "Event"): ("/api/v1", "events", True),
 }
 
 
@@ -62,14 +64,23 @@ def path_of(api_version: str, kind: str, namespace: str | None, name: str | None
 
 # Errors of the connection rather than answers of the API server: always worth retrying.
 # aiohttp's own errors (ServerDisconnectedError, ClientPayloadError, ...) are not OSErrors.
-TRANSIENT_IO: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+TRANSIENT_IO = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+# Anything a request to the API server can raise: an answer, or a lost connection.
+API_ERRORS = (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: throttling, server errors, timeouts, lost connections, conflicts."""
+    """Worth retrying as it is: throttling, server errors, timeouts, lost connections,
+    conflicts. Not 403: a refusal (RBAC, an admission webhook, a ResourceQuota) is
+    retried with backoff too, but shown in the status, which a transient error is not."""
     if isinstance(exc, ApiException):
-        return exc.status in (0, 408, 409, 429) or (exc.status or 0) >= 500 or exc.status == 403
+        return exc.status in (0, 408, 409, 429) or (exc.status or 0) >= 500
     return isinstance(exc, TRANSIENT_IO)
+
+
+def is_forbidden(exc: BaseException) -> bool:
+    """A 403 other than a namespace being deleted."""
+    return isinstance(exc, ApiException) and exc.status == 403 and not namespace_terminating(exc)
 
 
 def namespace_terminating(exc: BaseException) -> bool:
@@ -94,7 +105,7 @@ class Kube:
         self.in_flight = asyncio.Semaphore(max_in_flight)
 
     @classmethod
-    async def connect(cls, max_in_flight: int = 16) -> "Kube":
+    async def connect(cls, max_in_flight: int = 16) -> Kube:
         configuration = kclient.Configuration()
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
             kconfig.load_incluster_config(client_configuration=configuration)
@@ -178,6 +189,29 @@ class Kube:
         return await self.request("PATCH", path, body={"status": patch}, content_type=MERGE,
                                   resource=c.KIND + "/status")
 
+    async def post_event(self, involved: dict[str, Any], type: str, reason: str, message: str) -> None:
+        """A core/v1 Event about ``involved`` (apiVersion, kind, name, namespace, uid), as
+        ``kubectl describe`` shows them. Best effort: a failure is logged, never raised."""
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{involved['name']}.", "namespace": involved["namespace"]},
+            "involvedObject": involved, "type": type, "reason": reason, "message": message[:1024],
+            "source": {"component": c.OPERATOR_NAME}, "reportingComponent": c.OPERATOR_NAME,
+            "reportingInstance": os.environ.get("POD_ID", c.OPERATOR_NAME),
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            await self.request("POST", path_of("v1", "Event", involved["namespace"]), body=body, resource="Event")
+        except API_ERRORS as exc:
+            logger.warning("cannot post the event %s %r: %r", reason, message, exc)
+
+    async def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """The keep-alives in a kopf peering object (``.status``), or None if it is missing."""
+        kind = "KopfPeering" if namespace else "ClusterKopfPeering"
+        body = await self.get("kopf.dev/v1", kind, namespace, name)
+        return None if body is None else dict(body.get("status") or {})
+
     async def ensure_peering(self, name: str, namespaces: list[str]) -> None:
         """Create the kopf peering object(s) if missing (kopf needs them to exist)."""
         targets: list[tuple[str, str | None]] = (
@@ -185,9 +219,10 @@ class Kube:
             else [("KopfPeering", ns) for ns in namespaces]
         )
         for kind, ns in targets:
-            body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
+            metadata: dict[str, str] = {"name": name}
             if ns:
-                body["metadata"]["namespace"] = ns
+                metadata["namespace"] = ns
+            body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": metadata}
             path = path_of("kopf.dev/v1", kind, ns)
             try:
                 await self.request("POST", path, body=body, resource=kind)

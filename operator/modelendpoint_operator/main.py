@@ -6,8 +6,10 @@ a bad one prints one line naming it and exits with status 2.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
+import socket
 import sys
 
 import kopf
@@ -31,6 +33,15 @@ def _quiet_event_handlers(record: logging.LogRecord) -> bool:
         return True
     msg = str(record.msg)
     return not (msg.startswith("Handler '") and "_event' succeeded" in msg)
+
+
+def peering_identity() -> str:
+    """This process' kopf peering identity: the pod's name (POD_ID, from the downward API),
+    else user@host/pid. Given to kopf, and known here, so the peering gate can find us."""
+    pod = os.environ.get("POD_ID")
+    if pod:
+        return pod
+    return f"{getpass.getuser()}@{socket.gethostname()}/{os.getpid()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("aiohttp.access", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from . import handlers  # registers the handlers with kopf's default registry
+    from . import handlers  # noqa: F401 - registers the handlers with kopf's default registry
+    from .reconciler import Reconciler
 
     liveness = (f"http://{settings.bind_address}:{settings.liveness_port}/healthz"
                 if settings.liveness_port else None)
     priority = settings.effective_priority()
+    identity = peering_identity()
     logging.getLogger(__name__).info(
         "modelendpoint-operator %s starting (peering %s, priority %d)", __version__,
         "off" if settings.standalone else repr(settings.peering_name), priority)
@@ -75,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         standalone=settings.standalone,
         priority=priority,
         peering_name=settings.peering_name,
+        identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
         liveness_endpoint=liveness,
-        memo=kopf.Memo(state=handlers.State(settings=settings)),
+        memo=kopf.Memo(state=Reconciler(settings=settings, identity=identity, priority=priority)),
     )
     return 0
 

@@ -1,9 +1,9 @@
 """Child manifests of a ModelEndpoint, and the runtime container's environment (pure; no I/O).
 
-Every function takes the ModelEndpoint object (a dict as the API server
-returns it) and the operator settings, and returns plain dicts ready for
-server-side apply. Fields are only set when the spec asks for them, so the
-applied configuration is stable: applying it again changes nothing.
+Every function takes the ModelEndpoint as the operator reads it (``spec.Endpoint``:
+its identity and typed spec) and the operator settings, and returns plain dicts
+ready for server-side apply. Fields are only set when the spec asks for them, so
+the applied configuration is stable: applying it again changes nothing.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import shlex
 from typing import Any
 
 import kopf
+from kubernetes.utils.quantity import parse_quantity
 
 from . import constants as c
 from .settings import OperatorSettings
-from .spec import default_ingress_path, served_model_name, tensor_parallel_size, with_defaults
-
-
-def _bool(value: bool) -> str:
-    return "1" if value else "0"
+from .spec import Endpoint, default_ingress_path, engine_value, engine_variable
 
 
 def labels(name: str) -> dict[str, str]:
@@ -46,98 +43,95 @@ def pvc_name(name: str) -> str:
     return f"{name}{c.PVC_SUFFIX}"
 
 
-def _metadata(owner: dict[str, Any], name: str, extra_annotations: dict | None = None) -> dict:
-    meta: dict[str, Any] = {
-        "name": name,
-        "namespace": owner["metadata"]["namespace"],
-        "labels": labels(owner["metadata"]["name"]),
-    }
+def _metadata(ep: Endpoint, name: str, extra_annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ep.namespace, "labels": labels(ep.name)}
     if extra_annotations:
         meta["annotations"] = dict(extra_annotations)
     return meta
 
 
-def _owned(obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
-    ref_owner = {
-        "apiVersion": owner.get("apiVersion", c.API_VERSION),
-        "kind": owner.get("kind", c.KIND),
-        "metadata": {"name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]},
-    }
-    kopf.append_owner_reference(obj, owner=ref_owner, controller=True, block_owner_deletion=True)
+def _owned(obj: dict[str, Any], ep: Endpoint) -> dict[str, Any]:
+    owner = kopf.Body({"apiVersion": ep.api_version, "kind": ep.kind, "metadata": {"name": ep.name, "uid": ep.uid}})
+    kopf.append_owner_reference(obj, owner=owner, controller=True, block_owner_deletion=True)
     return obj
 
 
-def drain_seconds(spec: dict[str, Any]) -> int:
-    return int(with_defaults(spec)["drainTimeoutSeconds"])
+def grace_period_seconds(ep: Endpoint) -> int:
+    return c.PRESTOP_SLEEP_SECONDS + ep.spec.drain_timeout_seconds + c.GRACE_MARGIN_SECONDS
 
 
-def grace_period_seconds(spec: dict[str, Any]) -> int:
-    return c.PRESTOP_SLEEP_SECONDS + drain_seconds(spec) + c.GRACE_MARGIN_SECONDS
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
 
 
-def container_env(owner: dict[str, Any]) -> list[dict[str, Any]]:
-    """The runtime container's env: every spec field as the runtime variable it maps to.
+def container_env(ep: Endpoint) -> list[dict[str, Any]]:
+    """The runtime container's env: the spec's fields as the runtime variables they map to.
 
-    Secrets reach the container through ``secretKeyRef`` only. A ``spec.env``
-    entry named like an operator-set variable replaces it (same position);
-    the others follow in their order.
+    Engine fields follow the one rule (``spec.engine_variable``). Secrets reach the
+    container only by reference: the Hugging Face token through ``secretKeyRef``, the
+    API keys as a mounted file (``API_KEY_FILE``) that the runtime re-reads, so a key
+    rotated in the Secret reaches running pods without a restart. ``spec.env`` comes
+    last; the CRD refuses entries that name a variable the operator sets, and such an
+    entry in an object stored before that rule existed is ignored.
     """
-    name = owner["metadata"]["name"]
-    spec = with_defaults(owner.get("spec"))
-    engine = spec["engine"]
+    spec = ep.spec
     env: list[dict[str, Any]] = [
-        {"name": "MODEL_NAME", "value": spec["model"]},
-        {"name": "ENDPOINT_ID", "value": name},
+        {"name": "MODEL_NAME", "value": spec.model},
+        {"name": "ENDPOINT_ID", "value": ep.name},
         {"name": "HOST", "value": "0.0.0.0"},
         {"name": "PORT", "value": str(c.RUNTIME_PORT)},
-        {"name": "OPENAI_RESPONSE_ROLE", "value": spec["responseRole"]},
-        {"name": "RAW_OPENAI_OUTPUT", "value": _bool(spec["rawOpenAIOutput"])},
+        {"name": "METRICS_PORT", "value": str(c.RUNTIME_METRICS_PORT)},
+        {"name": "OPENAI_RESPONSE_ROLE", "value": spec.response_role},
+        {"name": "RAW_OPENAI_OUTPUT", "value": _flag(spec.raw_openai_output)},
     ]
-    if spec.get("servedModelName"):
-        env.append({"name": "OPENAI_SERVED_MODEL_NAME_OVERRIDE", "value": spec["servedModelName"]})
-    tp = tensor_parallel_size(spec)
+    if spec.served_model_name:
+        env.append({"name": "OPENAI_SERVED_MODEL_NAME_OVERRIDE", "value": spec.served_model_name})
+    tp = spec.tensor_parallel
     if tp is not None:
         env.append({"name": "TENSOR_PARALLEL_SIZE", "value": str(tp)})
-    scalar_engine = (
-        ("maxModelLen", "MAX_MODEL_LEN", str),
-        ("dtype", "DTYPE", str),
-        ("gpuMemoryUtilization", "GPU_MEMORY_UTILIZATION", lambda v: repr(float(v))),
-        ("quantization", "QUANTIZATION", str),
-        ("enforceEager", "ENFORCE_EAGER", _bool),
-        ("trustRemoteCode", "TRUST_REMOTE_CODE", _bool),
-        ("maxNumSeqs", "MAX_NUM_SEQS", str),
-    )
-    for field, var, fmt in scalar_engine:
-        if engine.get(field) is not None:
-            env.append({"name": var, "value": fmt(engine[field])})
-    if engine.get("extraArgs"):
-        env.append({"name": "VLLM_EXTRA_ARGS", "value": shlex.join(engine["extraArgs"])})
-    env.append({"name": "DRAIN_TIMEOUT_SECONDS", "value": str(drain_seconds(spec))})
+    for field, value in spec.engine:
+        if field in ("tensor_parallel_size", "extra_args") or value is None:
+            continue
+        env.append({"name": engine_variable(field), "value": engine_value(value)})
+    if spec.engine.extra_args:
+        env.append({"name": "VLLM_EXTRA_ARGS", "value": shlex.join(spec.engine.extra_args)})
+    env.append({"name": "DRAIN_TIMEOUT_SECONDS", "value": str(spec.drain_timeout_seconds)})
     env.append({"name": "HF_HOME", "value": c.HF_HOME})
-    for field, var in (("hfTokenSecretRef", "HF_TOKEN"), ("apiKeySecretRef", "API_KEY")):
-        ref = spec.get(field)
-        if ref:
-            env.append({
-                "name": var,
-                "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}},
-            })
-    user = list(spec.get("env") or [])
-    by_name = {e["name"]: e for e in user}
-    merged = [by_name.pop(e["name"], e) for e in env]
-    merged.extend(e for e in user if e["name"] in by_name)
-    return merged
+    if spec.hf_token_secret_ref:
+        ref = spec.hf_token_secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if spec.api_key_secret_ref:
+        env.append({"name": "API_KEY_FILE", "value": c.API_KEY_FILE})
+    refused = {e["name"] for e in env} | set(c.OPERATOR_SET_VARIABLES)
+    env.extend(e.wire() for e in spec.env or [] if e.name not in refused)
+    return env
 
 
-def _resources(spec: dict[str, Any]) -> dict[str, Any]:
-    res = spec.get("resources") or {}
+def _resources(ep: Endpoint) -> dict[str, Any]:
+    spec = ep.spec
     out: dict[str, Any] = {}
     for part in ("requests", "limits"):
-        values = {k: v for k, v in (res.get(part) or {}).items() if v is not None}
+        values = getattr(spec.resources, part).wire() if spec.resources and getattr(spec.resources, part) else {}
         if values:
             out[part] = values
-    gpus = int(spec["gpus"])
-    if gpus > 0:
-        out.setdefault("limits", {})[spec["gpuResourceName"]] = gpus
+    if spec.gpus > 0:
+        out.setdefault("limits", {})[spec.gpu_resource_name] = spec.gpus
+    return out
+
+
+def _tolerations(ep: Endpoint) -> list[dict[str, Any]]:
+    """The spec's tolerations, plus, for a GPU pod, the toleration of the GPU nodes' taint.
+
+    GPU node pools are tainted (``nvidia.com/gpu=present:NoSchedule`` on managed
+    clusters) so that only pods asking for GPUs land there; the ExtendedResourceToleration
+    admission plugin adds this toleration where it is enabled, and many clusters don't
+    enable it, so the operator adds it itself (operator Exists: any value of the taint).
+    """
+    out = [t.wire() for t in ep.spec.tolerations or []]
+    if ep.spec.gpus > 0:
+        gpu = {"key": ep.spec.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
+        if gpu not in out:
+            out.append(gpu)
     return out
 
 
@@ -150,47 +144,62 @@ def _http_probe(path: str, *, period: int, timeout: int, failures: int) -> dict[
     }
 
 
-def pod_template(owner: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
-    name = owner["metadata"]["name"]
-    spec = with_defaults(owner.get("spec"))
-    cache = spec.get("modelCache") or {}
-    if cache.get("claimName"):
-        cache_volume = {"name": c.CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache["claimName"]}}
-    elif cache.get("size") is not None:
-        cache_volume = {"name": c.CACHE_VOLUME, "persistentVolumeClaim": {"claimName": pvc_name(name)}}
+def pod_template(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any]:
+    spec = ep.spec
+    cache = spec.model_cache
+    if cache and cache.claim_name:
+        cache_volume: dict[str, Any] = {"name": c.CACHE_VOLUME,
+                                        "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    elif cache and cache.size is not None:
+        cache_volume = {"name": c.CACHE_VOLUME, "persistentVolumeClaim": {"claimName": pvc_name(ep.name)}}
     else:
         cache_volume = {"name": c.CACHE_VOLUME, "emptyDir": {}}
+    volumes: list[dict[str, Any]] = [
+        {"name": c.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
+        cache_volume,
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": c.SHM_VOLUME, "mountPath": c.SHM_PATH},
+        {"name": c.CACHE_VOLUME, "mountPath": c.HF_HOME},
+    ]
+    if spec.api_key_secret_ref:
+        # The kubelet updates a Secret volume in place (an atomic symlink swap) when the
+        # Secret changes; the runtime re-reads the file. 0440 + fsGroup: readable by the
+        # runtime's group only.
+        volumes.append({"name": c.API_KEY_VOLUME, "secret": {
+            "secretName": spec.api_key_secret_ref.name, "defaultMode": 0o440,
+            "items": [{"key": spec.api_key_secret_ref.key, "path": c.API_KEY_FILE_NAME}]}})
+        mounts.append({"name": c.API_KEY_VOLUME, "mountPath": c.API_KEY_DIR, "readOnly": True})
     container: dict[str, Any] = {
         "name": c.RUNTIME_CONTAINER,
-        "image": spec.get("image") or settings.default_runtime_image,
-        "imagePullPolicy": spec.get("imagePullPolicy") or settings.default_image_pull_policy,
-        "ports": [{"name": c.RUNTIME_PORT_NAME, "containerPort": c.RUNTIME_PORT, "protocol": "TCP"}],
-        "env": container_env(owner),
+        "image": spec.image or settings.default_runtime_image,
+        "imagePullPolicy": spec.image_pull_policy or settings.default_image_pull_policy,
+        "ports": [
+            {"name": c.RUNTIME_PORT_NAME, "containerPort": c.RUNTIME_PORT, "protocol": "TCP"},
+            {"name": c.RUNTIME_METRICS_PORT_NAME, "containerPort": c.RUNTIME_METRICS_PORT, "protocol": "TCP"},
+        ],
+        "env": container_env(ep),
         # Patient: downloading and loading a large model takes long; liveness starts after it.
         "startupProbe": _http_probe(
-            c.READY_PATH, period=c.STARTUP_PERIOD_SECONDS, timeout=5,
-            failures=c.STARTUP_FAILURE_THRESHOLD,
+            c.READY_PATH, period=c.STARTUP_PERIOD_SECONDS, timeout=5, failures=c.STARTUP_FAILURE_THRESHOLD,
         ),
         "readinessProbe": _http_probe(c.READY_PATH, period=5, timeout=3, failures=3),
         "livenessProbe": _http_probe(c.HEALTH_PATH, period=10, timeout=5, failures=6),
         "lifecycle": {"preStop": {"sleep": {"seconds": c.PRESTOP_SLEEP_SECONDS}}},
-        "volumeMounts": [
-            {"name": c.SHM_VOLUME, "mountPath": c.SHM_PATH},
-            {"name": c.CACHE_VOLUME, "mountPath": c.HF_HOME},
-        ],
+        "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    if spec.get("envFrom"):
-        container["envFrom"] = spec["envFrom"]
-    resources = _resources(spec)
+    if spec.env_from:
+        container["envFrom"] = [e.wire() for e in spec.env_from]
+    resources = _resources(ep)
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {
-        "terminationGracePeriodSeconds": grace_period_seconds(spec),
+        "terminationGracePeriodSeconds": grace_period_seconds(ep),
         # Docker-link variables (FOO_SERVICE_HOST, ...) would mix with the runtime's own.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
@@ -202,119 +211,108 @@ def pod_template(owner: dict[str, Any], settings: OperatorSettings) -> dict[str,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": c.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec["shmSize"]}},
-            cache_volume,
-        ],
+        "volumes": volumes,
     }
-    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "runtimeClassName",
-                  "imagePullSecrets"):
-        if spec.get(field):
-            pod[field] = spec[field]
-    return {"metadata": {"labels": labels(name)}, "spec": pod}
+    tolerations = _tolerations(ep)
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.affinity:
+        pod["affinity"] = dict(spec.affinity)
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    if spec.runtime_class_name:
+        pod["runtimeClassName"] = spec.runtime_class_name
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [s.wire() for s in spec.image_pull_secrets]
+    return {"metadata": {"labels": labels(ep.name)}, "spec": pod}
 
 
-def deployment(owner: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
-    name = owner["metadata"]["name"]
-    spec = with_defaults(owner.get("spec"))
+def deployment(ep: Endpoint, settings: OperatorSettings, replicas: int | None = None) -> dict[str, Any]:
+    """The runtime Deployment; ``replicas`` is the autoscaler's count (else spec.replicas)."""
     obj = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(owner, name),
+        "metadata": _metadata(ep, ep.name),
         "spec": {
-            "replicas": int(spec["replicas"]),
-            "selector": {"matchLabels": selector_labels(name)},
+            "replicas": ep.spec.replicas if replicas is None else replicas,
+            "selector": {"matchLabels": selector_labels(ep.name)},
             "revisionHistoryLimit": 3,
             # Beyond the startup probe's patience, so a slow model load isn't "stuck".
             "progressDeadlineSeconds": c.STARTUP_PERIOD_SECONDS * c.STARTUP_FAILURE_THRESHOLD + 600,
             # Keep serving while rolling: a new pod must be ready before an old one goes.
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-            },
-            "template": pod_template(owner, settings),
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": pod_template(ep, settings),
         },
     }
-    return _owned(obj, owner)
+    return _owned(obj, ep)
 
 
-def service(owner: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
-    name = owner["metadata"]["name"]
-    svc = with_defaults(owner.get("spec"))["service"]
+def service(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any]:
     obj = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, name),
+        "metadata": _metadata(ep, ep.name),
         "spec": {
-            "type": svc["type"],
-            "selector": selector_labels(name),
-            "ports": [{
-                "name": "http",
-                "port": int(svc["port"]),
-                "targetPort": c.RUNTIME_PORT_NAME,
-                "protocol": "TCP",
-            }],
+            "type": ep.spec.service.type,
+            "selector": selector_labels(ep.name),
+            # The metrics port is left out on purpose: it answers without a key.
+            "ports": [{"name": "http", "port": ep.spec.service.port, "targetPort": c.RUNTIME_PORT_NAME,
+                       "protocol": "TCP"}],
         },
     }
-    return _owned(obj, owner)
+    return _owned(obj, ep)
 
 
-def ingress_path(owner: dict[str, Any]) -> str:
-    ing = with_defaults(owner.get("spec"))["ingress"]
-    return ing.get("path") or default_ingress_path(owner["metadata"]["name"])
+def ingress_path(ep: Endpoint) -> str:
+    return ep.spec.ingress.path or default_ingress_path(ep.name)
 
 
-def ingress(owner: dict[str, Any], settings: OperatorSettings) -> dict[str, Any] | None:
-    name = owner["metadata"]["name"]
-    spec = with_defaults(owner.get("spec"))
-    ing = spec["ingress"]
-    if not ing.get("enabled"):
+def ingress(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any] | None:
+    ing = ep.spec.ingress
+    if not ing.enabled:
         return None
-    rule: dict[str, Any] = {
-        "http": {
-            "paths": [{
-                "path": ingress_path(owner),
-                "pathType": "Prefix",
-                "backend": {"service": {"name": name, "port": {"name": "http"}}},
-            }]
-        }
-    }
-    if ing.get("host"):
-        rule = {"host": ing["host"], **rule}
+    rule: dict[str, Any] = {"http": {"paths": [{
+        "path": ingress_path(ep),
+        "pathType": "Prefix",
+        "backend": {"service": {"name": ep.name, "port": {"name": "http"}}},
+    }]}}
+    if ing.host:
+        rule = {"host": ing.host, **rule}
     body: dict[str, Any] = {"rules": [rule]}
-    class_name = ing.get("className") or settings.default_ingress_class
+    class_name = ing.class_name or settings.default_ingress_class
     if class_name:
         body = {"ingressClassName": class_name, **body}
-    if ing.get("tlsSecretName"):
-        body["tls"] = [{"hosts": [ing["host"]], "secretName": ing["tlsSecretName"]}]
+    if ing.tls_secret_name:
+        body["tls"] = [{"hosts": [ing.host], "secretName": ing.tls_secret_name}]
     obj = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
-        "metadata": _metadata(owner, name, ing.get("annotations")),
+        "metadata": _metadata(ep, ep.name, ing.annotations),
         "spec": body,
     }
-    return _owned(obj, owner)
+    return _owned(obj, ep)
 
 
-def pvc(owner: dict[str, Any], settings: OperatorSettings) -> dict[str, Any] | None:
+def pvc(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any] | None:
     """The model-cache PVC the operator creates (modelCache.size); None otherwise."""
-    name = owner["metadata"]["name"]
-    cache = with_defaults(owner.get("spec")).get("modelCache") or {}
-    if cache.get("size") is None:
+    cache = ep.spec.model_cache
+    if cache is None or cache.size is None:
         return None
     spec: dict[str, Any] = {
-        "accessModes": [cache.get("accessMode") or "ReadWriteOnce"],
-        "resources": {"requests": {"storage": cache["size"]}},
+        "accessModes": [cache.access_mode or "ReadWriteOnce"],
+        "resources": {"requests": {"storage": cache.size}},
     }
-    if cache.get("storageClassName") is not None:
-        spec["storageClassName"] = cache["storageClassName"]
+    if cache.storage_class_name is not None:
+        spec["storageClassName"] = cache.storage_class_name
     obj = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _metadata(owner, pvc_name(name)),
+        "metadata": _metadata(ep, pvc_name(ep.name)),
         "spec": spec,
     }
-    return _owned(obj, owner)
+    return _owned(obj, ep)
 
 
 # Kinds of children, in apply order. The Deployment, the only child that starts pods
@@ -329,34 +327,28 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
 )
 
 
-def children(owner: dict[str, Any], settings: OperatorSettings) -> dict[str, dict[str, Any] | None]:
+def children(ep: Endpoint, settings: OperatorSettings,
+             replicas: int | None = None) -> dict[str, dict[str, Any] | None]:
     """Kind -> desired manifest, or None for a kind this spec must not have."""
     return {
-        "PersistentVolumeClaim": pvc(owner, settings),
-        "Deployment": deployment(owner, settings),
-        "Service": service(owner, settings),
-        "Ingress": ingress(owner, settings),
+        "Service": service(ep, settings),
+        "Ingress": ingress(ep, settings),
+        "PersistentVolumeClaim": pvc(ep, settings),
+        "Deployment": deployment(ep, settings, replicas),
     }
 
 
-def child_name(owner_name: str, kind: str) -> str:
-    return pvc_name(owner_name) if kind == "PersistentVolumeClaim" else owner_name
-
-
-def urls(owner: dict[str, Any], settings: OperatorSettings) -> tuple[str, str | None]:
+def urls(ep: Endpoint, settings: OperatorSettings) -> tuple[str, str | None]:
     """(in-cluster base URL, external base URL or None); both end where the OpenAI SDK wants."""
-    name = owner["metadata"]["name"]
-    ns = owner["metadata"]["namespace"]
-    spec = with_defaults(owner.get("spec"))
-    port = int(spec["service"]["port"])
+    port = ep.spec.service.port
     port_part = "" if port == 80 else f":{port}"
-    url = f"http://{name}.{ns}.svc.{settings.cluster_domain}{port_part}{default_ingress_path(name)}"
-    ing = spec["ingress"]
+    url = f"http://{ep.name}.{ep.namespace}.svc.{settings.cluster_domain}{port_part}{default_ingress_path(ep.name)}"
+    ing = ep.spec.ingress
     external = None
-    if ing.get("enabled") and ing.get("host"):
-        scheme = "https" if ing.get("tlsSecretName") else "http"
-        path = ingress_path(owner).rstrip("/") or "/"
-        runtime_path = default_ingress_path(name)
+    if ing.enabled and ing.host:
+        scheme = "https" if ing.tls_secret_name else "http"
+        path = ingress_path(ep).rstrip("/") or "/"
+        runtime_path = default_ingress_path(ep.name)
         if path.endswith("/openai/v1"):
             ext_path = path
         elif runtime_path.startswith(path):
@@ -365,14 +357,8 @@ def urls(owner: dict[str, Any], settings: OperatorSettings) -> tuple[str, str | 
             ext_path = "/openai/v1"
         else:
             ext_path = path
-        external = f"{scheme}://{ing['host']}{ext_path}"
+        external = f"{scheme}://{ing.host}{ext_path}"
     return url, external
-
-
-def summary(owner: dict[str, Any]) -> dict[str, Any]:
-    """Fields of the status that follow from the spec alone."""
-    spec = with_defaults(owner.get("spec"))
-    return {"servedModelName": served_model_name(spec)}
 
 
 def differs(desired: Any, live: Any) -> bool:
@@ -388,10 +374,20 @@ def differs(desired: Any, live: Any) -> bool:
     if isinstance(desired, list):
         if not isinstance(live, list) or len(live) != len(desired):
             return True
-        return any(differs(d, x) for d, x in zip(desired, live))
+        return any(differs(d, x) for d, x in zip(desired, live, strict=True))
     if live is None:
         return desired is not None
-    return str(desired) != str(live)
+    if str(desired) == str(live):
+        return False
+    return not _same_quantity(desired, live)
+
+
+def _same_quantity(a: Any, b: Any) -> bool:
+    """"0.5" and "500m", 1 and "1000m": the API server stores quantities canonicalized."""
+    try:
+        return bool(parse_quantity(a) == parse_quantity(b))
+    except (ValueError, TypeError, ArithmeticError):
+        return False
 
 
 def metadata_differs(desired: dict[str, Any], live: dict[str, Any]) -> bool:
@@ -408,3 +404,8 @@ def metadata_differs(desired: dict[str, Any], live: dict[str, Any]) -> bool:
     refs = {r.get("uid"): r for r in have.get("ownerReferences") or []}
     return any(differs(ref, refs.get(ref.get("uid"))) for ref in want.get("ownerReferences") or [])
 
+
+def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
+    """Whether the live child (None: missing) lacks anything the desired one sets."""
+    return (live is None or metadata_differs(desired, live)
+            or differs(desired.get("spec"), live.get("spec")))

@@ -6,7 +6,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILES = Counter(
     "modelendpoint_operator_reconciles_total",
-    "Reconciliations of ModelEndpoints, by what triggered them and how they ended.",
+    "Reconciliations of ModelEndpoints, by what queued them (endpoint, child, pod, autoscaler, retry) and how "
+    "they ended (ok, retry, failed, error).",
     ["trigger", "result"],
 )
 RECONCILE_ERRORS = Counter(
@@ -33,6 +34,21 @@ API_REQUESTS = Counter(
     "modelendpoint_operator_api_requests_total",
     "Requests the operator's reconciler made to the Kubernetes API (kopf's watches excluded).",
     ["verb", "resource", "code"],
+)
+AUTOSCALER_LOAD = Gauge(
+    "modelendpoint_operator_autoscaler_load",
+    "Requests in flight on the ready replicas (engine running and waiting) plus held by gateways, last sample.",
+    ["namespace", "name"],
+)
+AUTOSCALER_DESIRED = Gauge(
+    "modelendpoint_operator_autoscaler_desired_replicas",
+    "Replicas the autoscaler wants for the ModelEndpoint.",
+    ["namespace", "name"],
+)
+AUTOSCALER_CURRENT = Gauge(
+    "modelendpoint_operator_autoscaler_current_replicas",
+    "Replicas the ModelEndpoint's Deployment has (spec), at the last sample.",
+    ["namespace", "name"],
 )
 ENDPOINTS = Gauge(
     "modelendpoint_operator_endpoints",

@@ -54,6 +54,11 @@ class OperatorSettings(BaseSettings):
     worker_limit: int = Field(default=64, ge=1, le=100000)
     max_api_requests: int = Field(default=16, ge=1, le=1000)
 
+    # The autoscaler: how often it reads the replicas' load, and how many metrics
+    # requests it has in flight at once (over all ModelEndpoints).
+    autoscaling_interval_seconds: float = Field(default=5.0, ge=0.2, le=300)
+    autoscaling_max_scrapes: int = Field(default=32, ge=1, le=10000)
+
     standalone: bool = False
     peering_name: str = Field(default="modelendpoint-operator", min_length=1)
     peering_priority: int | None = Field(default=None, ge=0, le=2**31 - 1)
@@ -113,8 +118,9 @@ def load_settings(environ: Mapping[str, str]) -> OperatorSettings:
             + ", ".join(ENV_PREFIX + k.upper() for k in sorted(known))
         )
     try:
-        # _env_prefix="__none__" keeps pydantic-settings from also reading os.environ.
-        return OperatorSettings(_env_prefix="__MEP_OPERATOR_UNUSED__", **values)
+        # A prefix no variable has keeps pydantic-settings from also reading os.environ:
+        # only the mapping given here counts (tests pass their own).
+        return OperatorSettings(_env_prefix="__MEP_OPERATOR_UNUSED__", **values)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"

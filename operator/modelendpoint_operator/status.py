@@ -18,13 +18,14 @@ from __future__ import annotations
 import datetime
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from . import manifests
 from .settings import OperatorSettings
-from .spec import with_defaults
+from .spec import PHASES, Endpoint
 
-PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
+__all__ = ["PHASES", "Assessment", "Condition", "Failure", "assess", "compute_status", "status_changed",
+           "status_patch"]
 _BAD_WAITING = {
     "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CrashLoopBackOff",
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
@@ -33,10 +34,12 @@ _BAD_WAITING = {
 
 @dataclass(frozen=True)
 class Failure:
-    """A permanent problem with the spec: phase Failed with this reason and message."""
+    """A problem applying the spec. Phase Failed: permanent (until the spec changes);
+    phase Degraded: retried with backoff (a 403 from a quota or an admission webhook)."""
 
     reason: str
     message: str
+    phase: Literal["Failed", "Degraded"] = "Failed"
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def scheduler_reason(message: str) -> str:
     return message
 
 
-def _pod_problem(pods: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[str, str] | None:
+def _pod_problem(pods: list[dict[str, Any]], ep: Endpoint) -> tuple[str, str] | None:
     """(reason, message) of the first pod that the scheduler or kubelet reports stuck."""
     for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
@@ -79,9 +82,9 @@ def _pod_problem(pods: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[str,
         sched = _cond(pod, "PodScheduled")
         if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
             msg = scheduler_reason(sched.get("message") or "") or "the scheduler cannot place the pod"
-            gpu = spec["gpuResourceName"]
+            gpu = ep.spec.gpu_resource_name
             if f"Insufficient {gpu}" in msg:
-                hint = (f"not enough GPUs: no node has {spec['gpus']} free {gpu} (GPUs per replica); "
+                hint = (f"not enough GPUs: no node has {ep.spec.gpus} free {gpu} (GPUs per replica); "
                         "lower gpus or add GPU nodes. ")
             else:
                 hint = ""
@@ -97,15 +100,25 @@ def _pod_problem(pods: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[str,
 
 
 def assess(
-    owner: dict[str, Any],
+    ep: Endpoint,
     deployment: dict[str, Any] | None,
     pods: list[dict[str, Any]],
     failure: Failure | None = None,
+    desired: int | None = None,
 ) -> Assessment:
-    spec = with_defaults(owner.get("spec"))
-    desired = int(spec["replicas"])
-    if failure is not None:
+    """The phase, from the Deployment and its pods. ``desired``: the replicas the
+    Deployment should have (the autoscaler's count), default spec.replicas."""
+    desired = ep.spec.replicas if desired is None else desired
+    if failure is not None and failure.phase == "Failed":
         return Assessment("Failed", failure.reason, failure.message, False)
+    found = _assess_children(ep, deployment, pods, desired)
+    if failure is not None:  # Degraded: the children that exist may still serve
+        return Assessment(failure.phase, failure.reason, failure.message, found.ready)
+    return found
+
+
+def _assess_children(ep: Endpoint, deployment: dict[str, Any] | None, pods: list[dict[str, Any]],
+                     desired: int) -> Assessment:
     if deployment is None:
         return Assessment("Pending", "Creating", "creating the Deployment", False)
     st = deployment.get("status") or {}
@@ -131,7 +144,7 @@ def assess(
         return Assessment("Ready", "AllReplicasAvailable",
                           f"{available}/{desired} replicas available", True)
     serving = available >= desired
-    problem = _pod_problem(pods, spec)
+    problem = _pod_problem(pods, ep)
     if problem is None and progressing is not None and progressing.get("status") == "False":
         problem = (progressing.get("reason") or "RolloutStuck", progressing.get("message") or "")
     failure_cond = _cond(deployment, "ReplicaFailure")
@@ -170,32 +183,49 @@ def _condition(previous: list[dict[str, Any]], ctype: str, status: bool, reason:
     }
 
 
+@dataclass(frozen=True)
+class Condition:
+    """A condition beside Ready/Progressing/Degraded (e.g. Routable), decided elsewhere."""
+
+    type: str
+    status: bool
+    reason: str
+    message: str = ""
+
+
 def compute_status(
-    owner: dict[str, Any],
+    ep: Endpoint,
     deployment: dict[str, Any] | None,
     pods: list[dict[str, Any]],
     settings: OperatorSettings,
     failure: Failure | None = None,
     now: str | None = None,
     applied_generation: int | None = None,
+    desired: int | None = None,
+    previous: dict[str, Any] | None = None,
+    extra: tuple[Condition, ...] = (),
+    autoscaling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole ``status`` of ``owner``; lastTransitionTime moves only when a condition flips.
+    """The whole ``status`` of ``ep``; lastTransitionTime moves only when a condition flips.
 
-    ``applied_generation``: the spec generation whose children were last applied
-    successfully (None: the current one, as after a successful reconcile). Until the
-    current generation is applied, the status says Progressing and reports that older
-    generation as ``observedGeneration``: clients waiting for
-    ``observedGeneration == metadata.generation`` must not see a status computed from
-    children of an older spec. A Failed verdict is about the current generation.
+    ``previous``: the freshest status known (default ``ep.status``), for the conditions'
+    transition times. ``desired``: the replicas the Deployment should have (the
+    autoscaler's count; default spec.replicas). ``applied_generation``: the spec
+    generation whose children were last applied successfully (None: the current one, as
+    after a successful reconcile). Until the current generation is applied, the status
+    says Progressing and reports that older generation as ``observedGeneration``: clients
+    waiting for ``observedGeneration == metadata.generation`` must not see a status
+    computed from children of an older spec. A Failed verdict is about the current
+    generation.
     """
     now = now or _now()
-    name = owner["metadata"]["name"]
-    current = int(owner["metadata"].get("generation") or 0)
+    current = ep.generation
     generation = current if applied_generation is None or failure is not None else min(
         int(applied_generation), current)
-    spec = with_defaults(owner.get("spec"))
-    previous = (owner.get("status") or {}).get("conditions") or []
-    a = assess(owner, deployment, pods, failure)
+    previous = ep.status if previous is None else previous
+    old_conditions = previous.get("conditions") or []
+    desired = ep.spec.replicas if desired is None else desired
+    a = assess(ep, deployment, pods, failure, desired)
     if generation < current:
         # The new spec's children are not applied yet (its reconcile is running or retrying).
         a = Assessment("Progressing", "Reconciling",
@@ -203,9 +233,20 @@ def compute_status(
                        a.ready)
     st = (deployment or {}).get("status") or {}
     ready_replicas = int(st.get("readyReplicas") or 0)
-    url, external = manifests.urls(owner, settings)
+    url, external = manifests.urls(ep, settings)
     progressing = a.phase == "Progressing"
     degraded = a.phase in ("Degraded", "Failed")
+    conditions = [
+        _condition(old_conditions, "Ready", a.ready, a.reason if not a.ready or a.phase == "Ready"
+                   else "AllReplicasAvailable", a.message, generation, now),
+        _condition(old_conditions, "Progressing", progressing,
+                   a.reason if progressing else "Idle" if not degraded else a.reason,
+                   a.message if progressing else "", generation, now),
+        _condition(old_conditions, "Degraded", degraded, a.reason if degraded else "AsExpected",
+                   a.message if degraded else "", generation, now),
+    ]
+    conditions += [_condition(old_conditions, x.type, x.status, x.reason, x.message, generation, now)
+                   for x in extra]
     status: dict[str, Any] = {
         "phase": a.phase,
         "message": a.message,
@@ -213,31 +254,24 @@ def compute_status(
         "readyReplicas": ready_replicas,
         "availableReplicas": int(st.get("availableReplicas") or 0),
         "updatedReplicas": int(st.get("updatedReplicas") or 0),
-        "ready": f"{ready_replicas}/{int(spec['replicas'])}",
-        "selector": manifests.selector_string(name),
+        "ready": f"{ready_replicas}/{desired}",
+        "selector": manifests.selector_string(ep.name),
         "url": url,
         "observedGeneration": generation,
-        **manifests.summary(owner),
-        "conditions": [
-            _condition(previous, "Ready", a.ready, a.reason if not a.ready or a.phase == "Ready"
-                       else "AllReplicasAvailable", a.message, generation, now),
-            _condition(previous, "Progressing", progressing,
-                       a.reason if progressing else "Idle" if not degraded else a.reason,
-                       a.message if progressing else "", generation, now),
-            _condition(previous, "Degraded", degraded, a.reason if degraded else "AsExpected",
-                       a.message if degraded else "", generation, now),
-        ],
+        "servedModelName": ep.spec.served_name,
+        "conditions": conditions,
     }
     if external:
         status["externalURL"] = external
+    if autoscaling is not None:
+        status["autoscaling"] = autoscaling
     return status
 
 
 def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """True when writing ``new`` would change anything (externalURL removal included)."""
+    """True when writing ``new`` would change anything (removals of optional fields included)."""
     old = dict(old or {})
-    return any(old.get(k) != v for k, v in new.items()) or (
-        "externalURL" in old and "externalURL" not in new)
+    return any(old.get(k) != v for k, v in new.items()) or any(k not in new for k in old)
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:

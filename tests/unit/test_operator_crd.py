@@ -1,4 +1,5 @@
-"""The CRD file: names, columns, subresources, defaults and CEL rules (parsed, not applied)."""
+"""The CRD file: generated from the typed models, names, columns, subresources, defaults and
+CEL rules (parsed here; tests/integration/test_operator_validation.py applies it)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import pytest
 import yaml
 
 from modelendpoint_operator import constants as c
-from modelendpoint_operator.spec import DEFAULTS, INGRESS_DEFAULTS, SERVICE_DEFAULTS
+from modelendpoint_operator import crd
+from modelendpoint_operator.spec import ModelEndpointSpec
 
-CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "modelendpoints.yaml").read_text())
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "crds" / "modelendpoints.yaml"
+CRD = yaml.safe_load(CRD_FILE.read_text())
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
 SPEC = SCHEMA["properties"]["spec"]["properties"]
@@ -22,6 +26,16 @@ ISSUE_FIELDS = [
     "nodeSelector", "tolerations", "affinity", "priorityClassName", "runtimeClassName",
     "service", "ingress",
 ]
+
+
+def test_the_committed_crd_is_what_the_models_generate() -> None:
+    """One source of truth: `make crds` writes crds/modelendpoints.yaml from spec.py."""
+    assert CRD_FILE.read_text() == crd.crd_yaml(), "crds/modelendpoints.yaml is stale: run `make crds`"
+
+
+def test_the_docs_field_table_is_what_the_models_generate() -> None:
+    docs = (REPO / "docs" / "operator.md").read_text()
+    assert docs == crd.replace_table(docs), "docs/operator.md's field table is stale: run `make crds`"
 
 
 def test_names_match_the_operator() -> None:
@@ -53,22 +67,30 @@ def test_every_issue_field_is_in_the_schema(field: str) -> None:
 
 def test_engine_fields() -> None:
     engine = SPEC["engine"]["properties"]
-    assert set(engine) == {"maxModelLen", "dtype", "gpuMemoryUtilization", "tensorParallelSize",
+    assert set(engine) >= {"maxModelLen", "dtype", "gpuMemoryUtilization", "tensorParallelSize",
                            "quantization", "enforceEager", "trustRemoteCode", "maxNumSeqs",
-                           "extraArgs"}
+                           "enablePrefixCaching", "extraArgs"}
     assert engine["dtype"]["enum"] == ["auto", "half", "float16", "bfloat16", "float", "float32"]
     assert engine["gpuMemoryUtilization"]["exclusiveMinimum"] is True
     assert engine["gpuMemoryUtilization"]["maximum"] == 1
 
 
-def test_schema_defaults_equal_the_operator_defaults() -> None:
-    for key, value in DEFAULTS.items():
-        assert SPEC[key]["default"] == value, key
-    for key, value in SERVICE_DEFAULTS.items():
-        assert SPEC["service"]["properties"][key]["default"] == value
-    for key, value in INGRESS_DEFAULTS.items():
-        assert SPEC["ingress"]["properties"][key]["default"] == value
+def test_schema_defaults_are_the_ones_the_operator_reads_with() -> None:
+    """The API server and the operator fill in the same defaults (both from spec.py)."""
+    parsed = ModelEndpointSpec.model_validate({"model": "m"}).wire()
+    for key, prop in SPEC.items():
+        if "default" in prop and prop["default"] != {}:
+            assert parsed[key] == prop["default"], key
+    assert parsed["service"] == {"type": "ClusterIP", "port": 80}
+    assert parsed["ingress"] == {"enabled": False}
+    assert parsed["loadBalancing"]["strategy"] == "LeastRequests"
     assert SCHEMA["properties"]["spec"]["required"] == ["model"]
+
+
+def test_structural_schema_has_no_json_schema_leftovers() -> None:
+    text = CRD_FILE.read_text()
+    for leftover in ("$ref", "anyOf", "title:", "null", "$defs"):
+        assert leftover not in text, leftover
 
 
 def _rules(node, path="") -> list[tuple[str, dict]]:
@@ -86,12 +108,17 @@ def _rules(node, path="") -> list[tuple[str, dict]]:
 
 def test_every_cel_rule_has_a_message_and_names_its_field() -> None:
     rules = _rules(SCHEMA)
-    assert len(rules) >= 6
+    assert len(rules) >= 10
     for path, rule in rules:
         assert rule.get("message"), path
         assert rule.get("reason"), path
-        if path:  # the root rule (metadata.name) names its field in the message
-            assert rule.get("fieldPath", "").startswith("."), path
+        # A rule on an object names the field it judges; a rule on a list item is reported
+        # at that item (spec.env[3]) and names it in its messageExpression; the root rule
+        # (metadata.name) names its field in the message.
+        if path.endswith("/items"):
+            assert rule.get("fieldPath") or rule.get("messageExpression"), (path, rule)
+        elif path:
+            assert rule.get("fieldPath", "").startswith("."), (path, rule)
 
 
 def test_status_phases() -> None:
@@ -103,8 +130,9 @@ def test_status_phases() -> None:
 
 
 def test_crd_has_no_yaml_anchors() -> None:
-    text = (Path(__file__).resolve().parents[2] / "crds" / "modelendpoints.yaml").read_text()
-    assert "&" not in text.replace("&&", "") and ": *" not in text
+    text = CRD_FILE.read_text()
+    assert not any(line.strip().startswith(("&", "*")) or ": &" in line or ": *" in line
+                   for line in text.splitlines())
 
 
 def _quantities(node, path="") -> list[tuple[str, dict]]:

@@ -8,23 +8,26 @@ import shlex
 import pytest
 
 from modelendpoint_operator import constants as c
+from modelendpoint_operator import crd
 from modelendpoint_operator import manifests as m
 from modelendpoint_operator.settings import load_settings
+from modelendpoint_operator.spec import Endpoint, EngineSpec, engine_variable
 
 SETTINGS = load_settings({"MEP_OPERATOR_DEFAULT_RUNTIME_IMAGE": "reg.example/runtime:9"})
 
 
-def owner(name: str = "llm", namespace: str = "ns", **spec) -> dict:
-    return {"apiVersion": c.API_VERSION, "kind": c.KIND,
-            "metadata": {"name": name, "namespace": namespace, "uid": "uid-1", "generation": 3},
-            "spec": {"model": "org/model", **spec}}
+def owner(name: str = "llm", namespace: str = "ns", **spec) -> Endpoint:
+    """A ModelEndpoint as the operator reads it (through the typed models, defaults filled)."""
+    return Endpoint.from_body({"apiVersion": c.API_VERSION, "kind": c.KIND,
+                               "metadata": {"name": name, "namespace": namespace, "uid": "uid-1", "generation": 3},
+                               "spec": {"model": "org/model", **spec}})
 
 
-def env_of(obj: dict) -> dict[str, dict]:
+def env_of(obj: Endpoint) -> dict[str, dict]:
     return {e["name"]: e for e in m.container_env(obj)}
 
 
-def values(obj: dict) -> dict[str, str | None]:
+def values(obj: Endpoint) -> dict[str, str | None]:
     return {k: v.get("value") for k, v in env_of(obj).items()}
 
 
@@ -42,14 +45,17 @@ def values(obj: dict) -> dict[str, str | None]:
     ({"gpus": 4}, "TENSOR_PARALLEL_SIZE", "4"),
     ({"gpus": 4, "engine": {"tensorParallelSize": 2}}, "TENSOR_PARALLEL_SIZE", "2"),
     ({"engine": {"quantization": "fp8"}}, "QUANTIZATION", "fp8"),
-    ({"engine": {"enforceEager": True}}, "ENFORCE_EAGER", "1"),
-    ({"engine": {"enforceEager": False}}, "ENFORCE_EAGER", "0"),
-    ({"engine": {"trustRemoteCode": True}}, "TRUST_REMOTE_CODE", "1"),
+    ({"engine": {"enforceEager": True}}, "ENFORCE_EAGER", "true"),
+    ({"engine": {"enforceEager": False}}, "ENFORCE_EAGER", "false"),
+    ({"engine": {"trustRemoteCode": True}}, "TRUST_REMOTE_CODE", "true"),
+    ({"engine": {"enablePrefixCaching": False}}, "ENABLE_PREFIX_CACHING", "false"),
     ({"engine": {"maxNumSeqs": 32}}, "MAX_NUM_SEQS", "32"),
     ({"engine": {"extraArgs": ["--seed", "1", "--x", "a b"]}}, "VLLM_EXTRA_ARGS",
      "--seed 1 --x 'a b'"),
     ({}, "ENDPOINT_ID", "llm"),
     ({}, "PORT", "8000"),
+    ({}, "METRICS_PORT", str(c.RUNTIME_METRICS_PORT)),
+    ({"apiKeySecretRef": {"name": "k", "key": "x"}}, "API_KEY_FILE", c.API_KEY_FILE),
     ({}, "HF_HOME", c.HF_HOME),
     ({"drainTimeoutSeconds": 90}, "DRAIN_TIMEOUT_SECONDS", "90"),
 ])
@@ -60,7 +66,7 @@ def test_spec_field_to_runtime_variable(spec: dict, var: str, expected: str) -> 
 @pytest.mark.parametrize("var", ["OPENAI_SERVED_MODEL_NAME_OVERRIDE", "MAX_MODEL_LEN", "DTYPE",
                                  "GPU_MEMORY_UTILIZATION", "QUANTIZATION", "ENFORCE_EAGER",
                                  "TRUST_REMOTE_CODE", "MAX_NUM_SEQS", "VLLM_EXTRA_ARGS",
-                                 "HF_TOKEN", "API_KEY"])
+                                 "HF_TOKEN", "API_KEY", "API_KEY_FILE", "ENABLE_PREFIX_CACHING"])
 def test_unset_fields_set_no_variable(var: str) -> None:
     assert var not in values(owner())
 
@@ -71,11 +77,37 @@ def test_extra_args_round_trip_through_shell_quoting() -> None:
     assert shlex.split(value) == args
 
 
-def test_no_gpus_means_no_limit_and_no_tensor_parallelism() -> None:
+def test_no_gpus_means_no_limit_no_tensor_parallelism_and_no_gpu_toleration() -> None:
     obj = owner(gpus=0)
-    container = m.deployment(obj, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
-    assert "resources" not in container
+    pod = m.deployment(obj, SETTINGS)["spec"]["template"]["spec"]
+    assert "resources" not in pod["containers"][0]
+    assert "tolerations" not in pod
     assert "TENSOR_PARALLEL_SIZE" not in values(obj)
+
+
+def test_every_scalar_engine_field_reaches_the_runtime_by_the_one_rule() -> None:
+    """A typed engine field needs no mapping code: its camelCase name, in UPPER_SNAKE_CASE."""
+    schema = crd.model_schema(EngineSpec)["properties"]
+    examples = {"integer": 3, "boolean": True, "number": 0.5, "string": "awq"}
+    for name, info in EngineSpec.model_fields.items():
+        if name in ("extra_args", "tensor_parallel_size"):
+            continue
+        prop = schema[info.alias or name]
+        value = prop["enum"][0] if "enum" in prop else examples[prop["type"]]
+        env = values(owner(engine={info.alias or name: value}))
+        expected = "true" if value is True else str(value)
+        assert env[engine_variable(name)] == expected, name
+    assert engine_variable("max_model_len") == "MAX_MODEL_LEN"
+    assert engine_variable("enable_prefix_caching") == "ENABLE_PREFIX_CACHING"
+
+
+def test_gpu_pods_tolerate_the_gpu_node_taint() -> None:
+    pod = m.deployment(owner(gpus=2, tolerations=[{"key": "x", "operator": "Exists"}]),
+                       SETTINGS)["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "x", "operator": "Exists"},
+                                  {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    amd = m.deployment(owner(gpuResourceName="amd.com/gpu"), SETTINGS)["spec"]["template"]["spec"]
+    assert amd["tolerations"] == [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_gpu_limit_on_the_configured_resource_name() -> None:
@@ -85,27 +117,29 @@ def test_gpu_limit_on_the_configured_resource_name() -> None:
     assert res == {"requests": {"cpu": "4"}, "limits": {"memory": "32Gi", "amd.com/gpu": 2}}
 
 
-def test_secrets_only_by_reference() -> None:
-    env = env_of(owner(hfTokenSecretRef={"name": "hf", "key": "token"},
-                       apiKeySecretRef={"name": "keys", "key": "api"}))
+def test_secrets_only_by_reference_and_the_keys_as_a_file_the_runtime_rereads() -> None:
+    obj = owner(hfTokenSecretRef={"name": "hf", "key": "token"}, apiKeySecretRef={"name": "keys", "key": "api"})
+    env = env_of(obj)
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN",
                                "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
-    assert env["API_KEY"] == {"name": "API_KEY",
-                              "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api"}}}
-    assert "value" not in env["HF_TOKEN"] and "value" not in env["API_KEY"]
+    assert "API_KEY" not in env and env["API_KEY_FILE"]["value"] == c.API_KEY_FILE
+    pod = m.deployment(obj, SETTINGS)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[c.API_KEY_VOLUME]["secret"] == {
+        "secretName": "keys", "defaultMode": 0o440, "items": [{"key": "api", "path": c.API_KEY_FILE_NAME}]}
+    mounts = {v["name"]: v for v in pod["containers"][0]["volumeMounts"]}
+    assert mounts[c.API_KEY_VOLUME] == {"name": c.API_KEY_VOLUME, "mountPath": c.API_KEY_DIR, "readOnly": True}
 
 
-def test_user_env_replaces_same_named_variables_and_follows_in_order() -> None:
-    obj = owner(engine={"dtype": "auto"},
-                env=[{"name": "ZED", "value": "z"}, {"name": "DTYPE", "value": "half"},
+def test_user_env_follows_in_order_and_never_replaces_what_the_operator_sets() -> None:
+    obj = owner(env=[{"name": "ZED", "value": "z"},
                      {"name": "ALPHA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}])
     names = [e["name"] for e in m.container_env(obj)]
     assert len(names) == len(set(names))  # server-side apply rejects duplicate keys
     assert names[-2:] == ["ZED", "ALPHA"]
-    assert values(obj)["DTYPE"] == "half"
-    obj = owner(env=[{"name": "MODEL_NAME", "value": "/models/local"}])
-    assert values(obj)["MODEL_NAME"] == "/models/local"
-    assert [e["name"] for e in m.container_env(obj)].index("MODEL_NAME") == 0
+    # The CRD refuses these now; an object stored before that rule keeps the operator's value.
+    obj = owner(env=[{"name": "MODEL_NAME", "value": "/models/local"}, {"name": "API_KEY", "value": ""}])
+    assert values(obj)["MODEL_NAME"] == "org/model" and "API_KEY" not in values(obj)
 
 
 def test_pod_template_contract() -> None:
@@ -115,7 +149,8 @@ def test_pod_template_contract() -> None:
     container = pod["containers"][0]
     assert container["image"] == "reg.example/runtime:9"
     assert container["imagePullPolicy"] == "IfNotPresent"
-    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"},
+                                  {"name": "metrics", "containerPort": c.RUNTIME_METRICS_PORT, "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     startup = container["startupProbe"]
@@ -142,7 +177,7 @@ def test_scheduling_fields_are_copied() -> None:
                  affinity={"podAntiAffinity": {}}, priorityClassName="high",
                  runtimeClassName="nvidia", imagePullSecrets=[{"name": "reg"}],
                  envFrom=[{"secretRef": {"name": "extra"}}], image="my/rt:1", imagePullPolicy="Always")
-    dep = m.deployment(owner(**sched), SETTINGS)
+    dep = m.deployment(owner(gpus=0, **sched), SETTINGS)
     pod = dep["spec"]["template"]["spec"]
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "runtimeClassName",
                 "imagePullSecrets"):
@@ -179,7 +214,7 @@ def test_labels_selector_and_owner_reference_on_every_child() -> None:
         assert meta["ownerReferences"] == [{
             "apiVersion": c.API_VERSION, "kind": c.KIND, "name": "llm", "uid": "uid-1",
             "controller": True, "blockOwnerDeletion": True}]
-        assert meta["name"] == m.child_name("llm", kind)
+        assert meta["name"] == ("llm-cache" if kind == "PersistentVolumeClaim" else "llm")
     dep = kids["Deployment"]
     assert dep["spec"]["selector"]["matchLabels"] == {c.LABEL_ENDPOINT: "llm"}
     assert kids["Service"]["spec"]["selector"] == {c.LABEL_ENDPOINT: "llm"}
@@ -252,9 +287,26 @@ def test_cluster_domain_setting() -> None:
 def test_rendering_is_deterministic_and_pure() -> None:
     obj = owner(gpus=2, engine={"extraArgs": ["--a"]}, ingress={"enabled": True},
                 env=[{"name": "X", "value": "1"}])
-    frozen = copy.deepcopy(obj)
+    frozen = obj.model_dump()
     assert m.children(obj, SETTINGS) == m.children(copy.deepcopy(obj), SETTINGS)
-    assert obj == frozen  # the input is not modified
+    assert obj.model_dump() == frozen  # the input is not modified
+
+
+def test_autoscaler_replicas_win_over_spec_replicas() -> None:
+    obj = owner(replicas=1, autoscaling={"minReplicas": 0, "maxReplicas": 4})
+    assert m.deployment(obj, SETTINGS)["spec"]["replicas"] == 1
+    assert m.deployment(obj, SETTINGS, replicas=3)["spec"]["replicas"] == 3
+    assert m.children(obj, SETTINGS, replicas=0)["Deployment"]["spec"]["replicas"] == 0
+
+
+def test_needs_apply() -> None:
+    desired = m.service(owner(), SETTINGS)
+    assert m.needs_apply(desired, None)
+    live = copy.deepcopy(desired)
+    live["spec"]["clusterIP"] = "10.0.0.1"
+    assert not m.needs_apply(desired, live)
+    live["metadata"]["labels"][c.LABEL_COMPONENT] = "hacked"
+    assert m.needs_apply(desired, live)
 
 
 def test_differs() -> None:
@@ -267,5 +319,7 @@ def test_differs() -> None:
     live["spec"]["ports"][0]["port"] = 81
     assert m.differs(desired, live)
     assert not m.differs({"a": {"cpu": 1}}, {"a": {"cpu": "1"}})
+    assert not m.differs({"cpu": "0.5"}, {"cpu": "500m"})  # the API server canonicalizes quantities
+    assert m.differs({"cpu": "0.5"}, {"cpu": "600m"})
     assert m.differs({"a": [1, 2]}, {"a": [1]})
     assert m.differs({"a": {"b": 1}}, {})

@@ -6,15 +6,16 @@ import pytest
 
 from modelendpoint_operator import status as st
 from modelendpoint_operator.settings import load_settings
+from modelendpoint_operator.spec import Endpoint
 
 SETTINGS = load_settings({})
 
 
-def owner(replicas: int = 2, gpus: int = 1, status: dict | None = None, **spec) -> dict:
-    return {"apiVersion": "serving.modelendpoint.dev/v1alpha1", "kind": "ModelEndpoint",
-            "metadata": {"name": "llm", "namespace": "ns", "uid": "u", "generation": 2},
-            "spec": {"model": "org/m", "replicas": replicas, "gpus": gpus, **spec},
-            "status": status or {}}
+def owner(replicas: int = 2, gpus: int = 1, status: dict | None = None, **spec) -> Endpoint:
+    return Endpoint.from_body({"apiVersion": "serving.modelendpoint.dev/v1alpha1", "kind": "ModelEndpoint",
+                               "metadata": {"name": "llm", "namespace": "ns", "uid": "u", "generation": 2},
+                               "spec": {"model": "org/m", "replicas": replicas, "gpus": gpus, **spec},
+                               "status": status or {}})
 
 
 def deployment(*, replicas=2, updated=2, available=2, ready=None, generation=5, observed=5,
@@ -88,6 +89,32 @@ def test_scaled_to_zero_is_pending() -> None:
     assert st.assess(owner(replicas=0), dep, []).phase == "Pending"
     dep = deployment(replicas=1, updated=1, available=1)
     assert st.assess(owner(replicas=0), dep, []).phase == "Progressing"
+    # The autoscaler's count, not spec.replicas, is what the Deployment should have.
+    assert st.assess(owner(replicas=2), deployment(replicas=0, updated=0, available=0), [],
+                     desired=0).reason == "ScaledToZero"
+
+
+def test_ready_column_shows_the_autoscalers_count() -> None:
+    s = st.compute_status(owner(replicas=1), deployment(replicas=3, updated=3, available=3), [], SETTINGS,
+                          desired=3, autoscaling={"desiredReplicas": 3, "load": 19.0})
+    assert (s["phase"], s["ready"]) == ("Ready", "3/3")
+    assert s["autoscaling"] == {"desiredReplicas": 3, "load": 19.0}
+
+
+def test_a_refused_apply_is_degraded_but_what_serves_stays_ready() -> None:
+    refused = st.Failure("Forbidden", "the API server refused applying Ingress llm: quota", phase="Degraded")
+    s = st.compute_status(owner(), deployment(), [], SETTINGS, refused)
+    conds = {c["type"]: c for c in s["conditions"]}
+    assert (s["phase"], s["message"]) == ("Degraded", refused.message)
+    assert conds["Ready"]["status"] == "True" and conds["Degraded"]["reason"] == "Forbidden"
+
+
+def test_extra_conditions() -> None:
+    s = st.compute_status(owner(), deployment(), [], SETTINGS,
+                          extra=(st.Condition("Routable", False, "ServedNameConflict", "owned by ns/a"),))
+    routable = {c["type"]: c for c in s["conditions"]}["Routable"]
+    assert (routable["status"], routable["reason"], routable["message"]) == ("False", "ServedNameConflict",
+                                                                             "owned by ns/a")
 
 
 def test_not_enough_gpus_message_names_gpus_and_the_scheduler_reason() -> None:
@@ -169,6 +196,7 @@ def test_served_model_name_defaults_to_the_model() -> None:
 def test_last_transition_time_moves_only_when_a_condition_flips() -> None:
     first = st.compute_status(owner(), deployment(), [], SETTINGS, now="T1")
     again = st.compute_status(owner(status=first), deployment(), [], SETTINGS, now="T2")
+    assert st.compute_status(owner(), deployment(), [], SETTINGS, now="T2", previous=first) == first
     assert again == first and not st.status_changed(first, again)
     degraded = st.compute_status(owner(status=first), deployment(available=1), [], SETTINGS, now="T3")
     conds = {c["type"]: c for c in degraded["conditions"]}
