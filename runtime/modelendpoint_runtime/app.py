@@ -5,12 +5,16 @@ Generation itself is vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``
 shapes whatever comes back:
 
 * one pure-ASGI middleware (``Guard``) per request: auth, body-size limit,
-  request metrics and the JSON request log line. Pure ASGI rather than
-  Starlette's BaseHTTPMiddleware, which would re-buffer streamed responses and
-  add latency to every token;
+  request metrics and the JSON request log line, and the METRICS_PORT
+  listener's routes (``/metrics``, ``/health``, ``/ready``, no key). Pure ASGI
+  rather than Starlette's BaseHTTPMiddleware, which would re-buffer streamed
+  responses and add latency to every token;
 * routes under ``/openai/v1``, ``/v1`` and ``/v2/{endpoint_id}/openai/v1``;
 * every error in OpenAI's shape (``errors.APIError``), never FastAPI's 422;
-* admission control, and readiness that turns 503 during a drain.
+* a generation request is read (within READ_TIMEOUT_SECONDS, else 408) and
+  checked whole before it takes an admission slot, so slow or invalid
+  clients hold none; admission counts sequences (``limits.sequences``);
+* readiness that turns 503 during a drain, or while API keys are unusable.
 """
 
 from __future__ import annotations
@@ -33,20 +37,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .admission import Admission
-from .auth import PUBLIC_PATHS, bearer_token, encode_keys, key_matches
-from .errors import APIError
-from .limits import Limits, check_caps, check_model, check_shape, logprobs_for_ranking, rank_choices, trim_choices
+from .auth import PUBLIC_PATHS, KeyRing, bearer_token, key_matches, watch_key_file
+from .errors import APIError, clip
+from .limits import (
+    Limits,
+    Plan,
+    check_caps,
+    check_model,
+    check_shape,
+    logprobs_for_ranking,
+    rank_choices,
+    sequences,
+    trim_choices,
+)
 from .logs import LOGGER_NAME, request_fields
 from .metrics import Metrics
+from .server import INFO_KEY, READ_DEADLINE
 from .settings import ConfigError, RuntimeSettings
 from .streaming import MEDIA_TYPES, Reframer, choose_format, is_token_frame
 
 PREFIXES = ("/openai/v1", "/v1", "/v2/{endpoint_id}/openai/v1")
 _KNOWN_ROUTES = frozenset(
-    [p + s for p in PREFIXES for s in ("/chat/completions", "/completions", "/models")] + ["/health", "/ready", "/metrics"]
+    [p + s for p in PREFIXES for s in ("/chat/completions", "/completions", "/models")]
+    + ["/health", "/ready", "/metrics"]
 )
-_INFO = "modelendpoint"  # scope key where a handler leaves details for the log line
+_INFO = INFO_KEY  # scope key where a handler leaves details for the log line
 _ROUTE = "modelendpoint.route"  # scope key: the request's route label, computed once by Guard
+# What the METRICS_PORT listener serves (without a key).
+METRICS_PORT_PATHS = frozenset({"/metrics", "/health", "/ready"})
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -72,15 +90,22 @@ class BodyTooLarge(Exception):
 class Runtime:
     """Everything the routes share: settings, engine, admission, metrics."""
 
-    def __init__(self, settings: RuntimeSettings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: RuntimeSettings, metrics: Metrics | None = None, keyring: KeyRing | None = None
+    ) -> None:
         self.settings = settings
         self.served = settings.served_model_name
-        self.keys = encode_keys(settings.api_keys)
+        # The literal API_KEY by default; main passes the API_KEY_FILE's keys.
+        self.keyring = keyring or KeyRing(settings.api_keys, required=settings.auth_configured)
+        self.metrics_port = settings.metrics_port
         self.limits = Limits(
             n=settings.limit_n,
             best_of=settings.limit_best_of,
             max_tokens=settings.limit_max_tokens,
             logprobs=settings.limit_logprobs,
+            prompts=settings.limit_prompts,
+            messages=settings.limit_messages,
+            stop=settings.limit_stop,
         )
         self.admission = Admission(settings.max_concurrent_requests)
         self.metrics = metrics or Metrics()
@@ -93,7 +118,9 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.admission.draining and not self.engine.dead
+        return (
+            self.engine is not None and not self.admission.draining and not self.engine.dead and self.keyring.usable
+        )
 
     def begin_drain(self) -> None:
         self.admission.start_drain()
@@ -101,20 +128,23 @@ class Runtime:
 
 
 class _Ticket:
-    """An admission slot, released exactly once whichever path ends the request."""
+    """An admission slot (``weight`` sequences), released exactly once whichever path ends the request."""
 
-    __slots__ = ("runtime", "held")
+    __slots__ = ("runtime", "held", "weight")
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, weight: int = 1) -> None:
         self.runtime = runtime
         self.held = True
+        self.weight = weight
         runtime.metrics.in_flight.inc()
+        runtime.metrics.sequences_in_flight.inc(weight)
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.runtime.admission.release()
+            self.runtime.admission.release(self.weight)
             self.runtime.metrics.in_flight.dec()
+            self.runtime.metrics.sequences_in_flight.dec(self.weight)
 
 
 class _TicketedStream(StreamingResponse):
@@ -184,6 +214,15 @@ class Guard:
             await send(message)
 
         try:
+            if rt.metrics_port is not None and _local_port(scope) == rt.metrics_port:
+                # The metrics listener: probes and the scrape, no key, nothing else.
+                if path in METRICS_PORT_PATHS and method == "GET":
+                    await self.app(scope, receive, send_wrapper)
+                else:
+                    unknown = errors.route_not_found(method, path)
+                    info.setdefault("error_code", unknown.code)
+                    await _send_error(send_wrapper, unknown)
+                return
             err = self._precheck(scope, path)
             if err is not None:
                 info.setdefault("error_code", err.code)
@@ -197,16 +236,17 @@ class Guard:
             metrics.child(metrics.requests, route, method, str(code)).inc()
             metrics.child(metrics.latency, route).observe(elapsed)
             if route not in ("/health", "/ready", "/metrics"):
-                log.info(
-                    "request",
-                    extra={"fields": request_fields(method=method, route=route, status=code, latency_s=elapsed, **info)},
-                )
+                fields = request_fields(method=method, route=route, status=code, latency_s=elapsed, **info)
+                log.info("request", extra={"fields": fields})
 
     def _precheck(self, scope: Scope, path: str) -> APIError | None:
         rt = self.rt
-        if rt.keys and path not in PUBLIC_PATHS:
+        ring = rt.keyring
+        if ring.required and path not in PUBLIC_PATHS:
+            if not ring.keys:  # API_KEY_FILE turned unusable: fail closed
+                return errors.keys_unavailable(rt.settings.retry_after_seconds)
             token = bearer_token(_header(scope, b"authorization"))
-            if not key_matches(token, rt.keys):
+            if not key_matches(token, ring.keys):
                 return errors.invalid_api_key(present=token is not None)
         length = _header(scope, b"content-length")
         if length is not None:
@@ -235,9 +275,13 @@ class Guard:
         return wrapped
 
 
+def _local_port(scope: Scope) -> int | None:
+    server = scope.get("server")
+    return server[1] if server else None
+
+
 def _validation_error(exc: RequestValidationError | ValidationError) -> APIError:
-    errs = exc.errors()
-    return errors.from_validation_errors([e for e in errs if isinstance(e, dict)])
+    return errors.from_validation_errors([dict(e) for e in exc.errors()])
 
 
 def create_app(
@@ -255,9 +299,17 @@ def create_app(
         runtime.loop = asyncio.get_running_loop()
         runtime.loading = True
         task = asyncio.create_task(_load(runtime, starter))
+        settings = runtime.settings
+        watcher = None
+        if settings.api_key_file is not None:
+            watcher = asyncio.create_task(
+                watch_key_file(runtime.keyring, settings.api_key_file, settings.api_key_file_poll_seconds, log)
+            )
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             runtime.stopping = True
             if not task.done():
                 await _cancel_load(task, cancel_load)
@@ -305,7 +357,14 @@ def create_app(
     async def ready() -> Response:
         if runtime.ready:
             return JSONResponse({"status": "ready"})
-        reason = "draining" if runtime.admission.draining else "loading" if runtime.engine is None else "dead"
+        if runtime.admission.draining:
+            reason = "draining"
+        elif runtime.engine is None:
+            reason = "loading"
+        elif runtime.engine.dead:
+            reason = "dead"
+        else:
+            reason = "keys_unavailable"
         return JSONResponse({"status": reason}, status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
@@ -375,7 +434,8 @@ async def _load(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> None
         runtime.engine = engine
         if not runtime.admission.draining:
             runtime.metrics.ready.set(1)
-        log.info("ready", extra={"fields": {"model": runtime.served, "load_s": round(time.perf_counter() - started, 1)}})
+        load_s = round(time.perf_counter() - started, 1)
+        log.info("ready", extra={"fields": {"model": runtime.served, "load_s": load_s}})
         return
     runtime.on_fatal()
 
@@ -384,7 +444,8 @@ def _endpoint_error(runtime: Runtime, request: Request) -> APIError | None:
     wanted = runtime.settings.endpoint_id
     got = request.path_params.get("endpoint_id")
     if wanted is not None and got is not None and got != wanted:
-        return APIError(404, f"Endpoint `{got}` is not served here.", errors.INVALID_REQUEST, None, "endpoint_not_found")
+        return APIError(404, f"Endpoint `{clip(got)}` is not served here.", errors.INVALID_REQUEST, None,
+                        "endpoint_not_found")  # fmt: skip
     return None
 
 
@@ -395,7 +456,8 @@ def _unavailable(runtime: Runtime) -> APIError | None:
     if runtime.engine is None:
         return errors.not_ready(retry)
     if runtime.engine.dead:
-        return APIError(503, "The engine is not running.", errors.SERVER_ERROR, None, "engine_dead", {"Retry-After": str(retry)})
+        return APIError(503, "The engine is not running.", errors.SERVER_ERROR, None, "engine_dead",
+                        {"Retry-After": str(retry)})  # fmt: skip
     return None
 
 
@@ -429,17 +491,22 @@ async def _generate(runtime: Runtime, request: Request, kind: str) -> Response:
     if err is not None:
         info["error_code"] = err.code
         return _error_response(err)
-    if not runtime.admission.try_acquire():
-        err = errors.draining(runtime.settings.retry_after_seconds) if runtime.admission.draining else errors.overloaded(
-            runtime.settings.retry_after_seconds
-        )
+    # Everything that needs no engine happens before a slot is taken: a slow
+    # body, or an invalid request, holds none.
+    prepared = await _prepare(runtime, request, kind, info)
+    if isinstance(prepared, APIError):
+        info["error_code"] = prepared.code
+        return _error_response(prepared)
+    if not runtime.admission.try_acquire(prepared.weight):
+        retry = runtime.settings.retry_after_seconds
+        err = errors.draining(retry) if runtime.admission.draining else errors.overloaded(retry)
         runtime.metrics.child(runtime.metrics.rejected, err.code or "overloaded").inc()
         info["error_code"] = err.code
         return _error_response(err)
-    ticket = _Ticket(runtime)
+    ticket = _Ticket(runtime, prepared.weight)
     streaming = False
     try:
-        response = await _dispatch(runtime, request, kind, info, ticket, start)
+        response = await _dispatch(runtime, request, kind, info, ticket, start, prepared)
         streaming = isinstance(response, StreamingResponse)
         return response
     finally:
@@ -447,8 +514,28 @@ async def _generate(runtime: Runtime, request: Request, kind: str) -> Response:
             ticket.release()
 
 
-async def _parse_body(request: Request) -> dict[str, Any] | APIError:
-    raw = await request.body()
+async def _read_body(runtime: Runtime, request: Request) -> bytes | APIError:
+    """The body, if it arrives within READ_TIMEOUT_SECONDS of the request's first byte (else 408).
+
+    The connection layer puts that deadline in the scope (``READ_DEADLINE``);
+    without it (tests over ASGI) the clock starts now. ``asyncio.timeout_at``
+    arms one timer, no task: a body already received costs nothing more.
+    """
+    loop = asyncio.get_running_loop()
+    timeout = runtime.settings.read_timeout_seconds
+    deadline = request.scope.get(READ_DEADLINE) or loop.time() + timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await request.body()
+    except TimeoutError:
+        runtime.metrics.child(runtime.metrics.client_timeouts, "read").inc()
+        return errors.request_timeout(timeout)
+
+
+async def _parse_body(runtime: Runtime, request: Request) -> dict[str, Any] | APIError:
+    raw = await _read_body(runtime, request)
+    if isinstance(raw, APIError):
+        return raw
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -470,53 +557,65 @@ def _classify_exception(exc: Exception, prompt_param: str, retry_after: int) -> 
     return errors.from_engine_error(resp.error.code, resp.error.message, resp.error.param, prompt_param, retry_after)
 
 
-async def _dispatch(
-    runtime: Runtime, request: Request, kind: str, info: dict[str, Any], ticket: _Ticket, start: float
-) -> Response:
+class _Prepared:
+    """A request read, validated and capped: what the engine gets, and its admission weight."""
+
+    __slots__ = ("req", "plan", "ranking_fields", "weight")
+
+    def __init__(self, req: Any, plan: Plan, ranking_fields: dict[str, Any], weight: int) -> None:
+        self.req = req
+        self.plan = plan
+        self.ranking_fields = ranking_fields
+        self.weight = weight
+
+
+async def _prepare(runtime: Runtime, request: Request, kind: str, info: dict[str, Any]) -> _Prepared | APIError:
+    prompt_param = "messages" if kind == "chat" else "prompt"
+    body = await _parse_body(runtime, request)
+    if isinstance(body, APIError):
+        return body
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-    prompt_param = "messages" if kind == "chat" else "prompt"
-    retry_after = runtime.settings.retry_after_seconds
-    body = await _parse_body(request)
-    if isinstance(body, APIError):
-        info["error_code"] = body.code
-        return _error_response(body)
 
     model = body.get("model")
-    info["model"] = model if isinstance(model, str) else None
+    info["model"] = clip(model) if isinstance(model, str) else None
     if (err := check_model(model, runtime.served)) is not None:
-        info["error_code"] = err.code
-        return _error_response(err)
+        return err
     if runtime.settings.log_prompts:
         info["prompt"] = body.get(prompt_param)
-    if (err := check_shape(body, kind)) is not None:
-        info["error_code"] = err.code
-        return _error_response(err)
+    if (err := check_shape(body, kind, runtime.limits)) is not None:
+        return err
 
     model_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
         req = model_cls.model_validate(body)
     except ValidationError as exc:
-        err = _validation_error(exc)
-        info["error_code"] = err.code
-        return _error_response(err)
+        return _validation_error(exc)
     except Exception as exc:  # noqa: BLE001 - vLLM validators raise their own errors
-        err = _classify_exception(exc, prompt_param, retry_after)
-        info["error_code"] = err.code
-        return _error_response(err)
+        return _classify_exception(exc, prompt_param, runtime.settings.retry_after_seconds)
 
     plan = check_caps(req, runtime.limits, kind)
     if isinstance(plan, APIError):
-        info["error_code"] = plan.code
-        return _error_response(plan)
+        return plan
+    weight = sequences(req, kind, plan)
     if plan.engine_n is not None:
         req.n = plan.engine_n
     # best_of sampling: the client's own logprobs request decides what it gets back.
     ranking_fields = logprobs_for_ranking(req, kind) if plan.rank else {}
     for name, value in ranking_fields.items():
         setattr(req, name, value)
+    return _Prepared(req, plan, ranking_fields, weight)
+
+
+async def _dispatch(
+    runtime: Runtime, request: Request, kind: str, info: dict[str, Any], ticket: _Ticket, start: float,
+    prepared: _Prepared,
+) -> Response:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    prompt_param = "messages" if kind == "chat" else "prompt"
+    retry_after = runtime.settings.retry_after_seconds
+    req, plan, ranking_fields = prepared.req, prepared.plan, prepared.ranking_fields
     stream = bool(req.stream)
     info["stream"] = stream
 
@@ -647,9 +746,10 @@ async def _stream(
             if out:
                 yield out
     except asyncio.CancelledError:
-        # The client went away: the cancellation reached vLLM's generator
-        # above, which aborted the engine request.
-        info["error_code"] = "client_closed_request"
+        # The client went away (or stopped reading: the connection layer set
+        # write_timeout): the cancellation reached vLLM's generator above,
+        # which aborted the engine request.
+        info.setdefault("error_code", "client_closed_request")
         raise
     except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
         log.error("stream failed", exc_info=exc)
@@ -657,6 +757,11 @@ async def _stream(
         yield reframer.error_frame(errors.internal_error().body())
     finally:
         ticket.release()
+        # Not left to the garbage collector: closing vLLM's generator (if our
+        # own was closed while it waited at a yield) aborts the engine request now.
+        aclose = getattr(gen, "aclose", None)
+        if aclose is not None:
+            await aclose()
         if reframer.error_status is not None:
             info["error_code"] = info.get("error_code") or "stream_error"
         meta = getattr(request.state, "request_metadata", None)

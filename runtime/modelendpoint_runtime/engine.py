@@ -1,11 +1,13 @@
 """vLLM's async engine and OpenAI serving layer, built the way vLLM's own server builds them.
 
-``parse_engine_args`` runs vLLM's own OpenAI-server argument parser over the
-argv from :func:`settings.engine_argv`, so every engine and frontend option
-keeps vLLM's defaults and validation. ``start_engine`` creates the AsyncLLM
-engine and then lets vLLM's ``init_app_state`` construct its serving classes
-(``OpenAIServingChat``, ``OpenAIServingCompletion``, ``OpenAIServingModels``)
-on a state object the runtime's routes read from.
+:func:`engine_args` applies the worker rule (``engine_env``) to vLLM's own
+OpenAI-server parser: the runtime's own options (``--model``,
+``--served-model-name``, ``--response-role``), then every variable named
+like a vLLM option, then ``VLLM_EXTRA_ARGS``, so every engine and frontend
+option keeps vLLM's defaults and validation. ``start_engine`` creates the
+AsyncLLM engine and then lets vLLM's ``init_app_state`` construct its serving
+classes (``OpenAIServingChat``, ``OpenAIServingCompletion``,
+``OpenAIServingModels``) on a state object the runtime's routes read from.
 """
 
 from __future__ import annotations
@@ -14,40 +16,242 @@ import argparse
 import asyncio
 import multiprocessing
 import threading
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, NoReturn
 
-from .settings import ConfigError, RuntimeSettings, engine_arg_error, engine_config_error, generation_overrides
+from .engine_env import (
+    EnvArgs,
+    attribute,
+    derive_options,
+    engine_config_error,
+    environment_argv,
+    extra_tokens,
+    long_flags,
+    one_line,
+    redact,
+)
+from .settings import ACCEPTED, ConfigError, RuntimeSettings, generation_overrides
+
+PROG = "modelendpoint-runtime"
 
 
 class _ArgError(Exception):
     pass
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """vLLM's own OpenAI-server parser, with abbreviations off and no exits.
+
+    ``allow_abbrev=False``: argparse would otherwise take any unambiguous
+    prefix (``--served-model x``) for the full option, past any check of
+    ours. Errors raise instead of printing usage and exiting.
+    """
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog=PROG, allow_abbrev=False))
+
+    def _error(message: str) -> NoReturn:  # argparse would print usage and exit 2
+        raise _ArgError(message)
+
+    def _exit(status: int = 0, message: str | None = None) -> NoReturn:
+        raise _ArgError(message or "the parser tried to exit")
+
+    parser.error = _error
+    parser.exit = _exit
+    return parser
+
+
+# vLLM options the runtime sets itself, from its own variables.
+OWNED: dict[str, str] = {
+    "model": "MODEL_NAME",
+    "served_model_name": "OPENAI_SERVED_MODEL_NAME_OVERRIDE",
+    "response_role": "OPENAI_RESPONSE_ROLE",
+    "api_key": "API_KEY or API_KEY_FILE",
+    "host": "HOST",
+    "port": "PORT",
+}
+# Options of make_arg_parser itself (vLLM's launcher), not of its engine or frontend.
+_LAUNCHER = ("model_tag", "config", "headless", "api_server_count", "grpc")
+# Frontend options that only add routes the runtime does not mount.
+_UNMOUNTED = ("tokens_only", "enable_scale_out", "enable_tokenizer_info_endpoint")
+# In FrontendArgs, but it configures pooling models' scoring, not the HTTP server.
+_NOT_HTTP = ("enable_flash_late_interaction",)
+
+
+def refused_options() -> dict[str, str]:
+    """vLLM dests the runtime refuses, as a variable or in VLLM_EXTRA_ARGS: ``{dest: why}``.
+
+    Derived from vLLM's own classes: ``BaseFrontendArgs`` is vLLM's frontend
+    *without* "host, port, and server-specific arguments like SSL, CORS, and
+    HTTP server settings", which its subclass ``FrontendArgs`` adds; the
+    runtime is that HTTP server, so those options would be silently ignored
+    (or, like ``--api-key``, bypass the runtime's auth). Refusing them says so
+    at start instead.
+    """
+    from vllm.entrypoints.launchers.cli_args import BaseFrontendArgs, FrontendArgs
+
+    refused = {dest: f"is set by the runtime; use {var} instead" for dest, var in OWNED.items()}
+    http_server = {f.name for f in fields(FrontendArgs)} - {f.name for f in fields(BaseFrontendArgs)}
+    for dest in sorted(http_server - set(_NOT_HTTP)):
+        refused.setdefault(dest, "is an option of vLLM's own HTTP server, which the runtime replaces")
+    for dest in _LAUNCHER:
+        refused.setdefault(dest, "is an option of vLLM's launcher, which the runtime replaces")
+    refused["model_tag"] = "(a positional argument) names a model; the model is MODEL_NAME"
+    for dest in _UNMOUNTED:
+        refused.setdefault(dest, "adds routes the runtime does not serve")
+    return refused
+
+
+def owned_argv(settings: RuntimeSettings) -> list[str]:
+    return [
+        f"--model={settings.model_name}",
+        f"--served-model-name={settings.served_model_name}",
+        f"--response-role={settings.openai_response_role}",
+    ]
+
+
+@dataclass
+class EngineArgs:
+    """vLLM's parsed arguments, and which variable set each option (for one-line errors)."""
+
+    args: argparse.Namespace
+    sources: dict[str, str] = field(default_factory=dict)  # dest -> variable (or VLLM_EXTRA_ARGS)
+    flag_dests: dict[str, str] = field(default_factory=dict)  # every long option -> dest
+
+    def config_error(self, message: str) -> ConfigError:
+        """An engine-config validation error at load time, naming the variable behind it."""
+        return engine_config_error(message, self.sources, self.flag_dests)
+
+    def log_fields(self) -> dict[str, Any]:
+        """For the start-up log line: every option a variable set, its parsed value and source."""
+        return {
+            dest: {"value": redact(dest, getattr(self.args, dest, None)), "from": source}
+            for dest, source in sorted(self.sources.items())
+        }
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], namespace: argparse.Namespace | None = None):
+    return parser.parse_args(argv, namespace)
+
+
+class _Unset(list):
+    """Pre-filled into every dest to see which ones VLLM_EXTRA_ARGS sets.
+
+    A list, so that ``append`` actions (which copy what is there) still work;
+    compared by identity.
+    """
+
+
+def _dests_set_by(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """Parse ``argv`` alone; the dests it set, however it spelled them (``-asc``, ``--no-x``,
+    ``--x.key``, a one-dash prefix)."""
+    unset = _Unset()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    # vLLM warns about deprecated options whose value differs from their default.
+    deprecated = getattr(parser, "_deprecated", None)
+    if deprecated is not None:
+        parser._deprecated = set()  # type: ignore[attr-defined]
+    try:
+        parsed = _parse(parser, argv, namespace)
+    finally:
+        if deprecated is not None:
+            parser._deprecated = deprecated  # type: ignore[attr-defined]
+    # A positional with nargs="?" always "matches" (nothing) and gets its default.
+    positional_defaults = {a.dest: a.default for a in parser._actions if not a.option_strings}
+    return parsed, {
+        dest
+        for dest, value in vars(parsed).items()
+        if value is not unset and not (dest in positional_defaults and value == positional_defaults[dest])
+    }
+
+
+def _bad_variable(parser: argparse.ArgumentParser, env: EnvArgs, message: str) -> ConfigError:
+    """The variable whose own tokens vLLM's parser refuses (each parsed alone)."""
+    for var, argv in env.by_var.items():
+        try:
+            _parse(parser, argv)
+        except Exception as exc:  # noqa: BLE001 - vLLM's types and validators raise their own
+            return ConfigError(f"invalid {var}: {one_line(str(exc))}")
+    return ConfigError(f"invalid engine options: {one_line(message)}")
+
+
+def engine_args(
+    environ: Mapping[str, str], settings: RuntimeSettings, parser: argparse.ArgumentParser | None = None
+) -> EngineArgs:
+    """vLLM's Namespace for this environment; a bad or refused option raises ConfigError (one line).
+
+    Order, each later one winning: the runtime's own options, the variables
+    of the worker rule, VLLM_EXTRA_ARGS. The generation defaults (the guide's
+    temperature, the LIMIT_MAX_TOKENS default and ceiling) are merged under
+    ``--override-generation-config`` from the variable and from
+    VLLM_EXTRA_ARGS, in whatever syntax it was given (JSON or
+    ``--override-generation-config.key value``).
+    """
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    parser = parser or build_parser()
+    refused = refused_options()
+    options = derive_options(parser, ACCEPTED)
+    env = environment_argv(environ, options, refused)
+    base = owned_argv(settings) + env.argv
+    try:
+        base_args = _parse(parser, base)
+    except Exception as exc:  # noqa: BLE001 - vLLM's types and validators raise their own
+        raise _bad_variable(parser, env, str(exc)) from None
+
+    extra = extra_tokens(settings.vllm_extra_args)
+    try:
+        extra_args, extra_dests = _dests_set_by(parser, extra)
+    except Exception as exc:  # noqa: BLE001 - vLLM's types and validators raise their own
+        raise ConfigError(f"invalid VLLM_EXTRA_ARGS: {one_line(str(exc))}") from None
+    flag_dests = {flag: a.dest for a in parser._actions for flag in long_flags(a)}
+    dest_flag = {dest: flag for flag, dest in reversed(list(flag_dests.items()))}
+    for dest in sorted(extra_dests & set(refused)):
+        name = dest_flag.get(dest, dest)
+        raise ConfigError(f"invalid VLLM_EXTRA_ARGS: vLLM's {name} {refused[dest]}")
+
+    try:
+        args = _parse(parser, base + extra) if extra else base_args
+    except Exception as exc:  # noqa: BLE001 - vLLM's types and validators raise their own
+        raise ConfigError(f"invalid VLLM_EXTRA_ARGS: {one_line(str(exc))}") from None
+    sources = dict(env.sources)
+    sources.update({dest: "VLLM_EXTRA_ARGS" for dest in extra_dests})
+    # vLLM's cross-checks (--enable-auto-tool-choice needs --tool-call-parser, the
+    # chat template exists, ...): first on the variables alone, so a failure there
+    # is theirs, then with VLLM_EXTRA_ARGS.
+    checks = ((base_args, env.sources, "engine options"), (args, sources, "VLLM_EXTRA_ARGS"))
+    for candidate, known, fallback in checks:
+        try:
+            validate_parsed_serve_args(candidate)
+        except Exception as exc:  # noqa: BLE001 - vLLM's types and validators raise their own
+            message = one_line(str(exc))
+            var = attribute(message, known, flag_dests) or fallback
+            raise ConfigError(f"invalid {var}: {message}") from None
+
+    user = dict(base_args.override_generation_config or {})
+    if "override_generation_config" in extra_dests:
+        user.update(extra_args.override_generation_config or {})
+    args.override_generation_config = generation_overrides(settings, user)
+    return EngineArgs(args=args, sources=sources, flag_dests=flag_dests)
+
+
 def parse_engine_args(
     argv: list[str], engine_args: str = "", settings: RuntimeSettings | None = None
 ) -> argparse.Namespace:
-    """vLLM's server Namespace for ``argv``; a bad option raises ConfigError (one line).
+    """vLLM's server Namespace for a plain ``argv`` (hack/microbench_runtime.py builds vLLM's own app with it).
 
-    With ``settings``, the generation defaults (the guide's temperature, the
-    LIMIT_MAX_TOKENS default and ceiling) are merged into vLLM's
-    ``override_generation_config`` after vLLM parsed the user's own value, in
-    whatever syntax VLLM_EXTRA_ARGS gave it (JSON or ``--override-generation-config.key``).
+    No variables, no refusals: the runtime itself uses :func:`engine_args`.
     """
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
-    parser = make_arg_parser(FlexibleArgumentParser(prog="modelendpoint-runtime"))
-
-    def _error(message: str):  # argparse would print usage and exit 2
-        raise _ArgError(message)
-
-    parser.error = _error  # type: ignore[method-assign]
+    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv + extra_tokens(engine_args))
         validate_parsed_serve_args(args)
-    except (_ArgError, TypeError, ValueError) as exc:
-        raise engine_arg_error(str(exc), engine_args) from None
+    except Exception as exc:  # noqa: BLE001 - vLLM's types and validators raise their own
+        raise ConfigError(f"invalid engine options: {one_line(str(exc))}") from None
     if settings is not None:
         args.override_generation_config = generation_overrides(settings, args.override_generation_config)
     return args
@@ -135,8 +339,13 @@ class Engine:
         self.client.shutdown()
 
 
-async def start_engine(args: argparse.Namespace) -> Engine:
+async def start_engine(
+    args: argparse.Namespace, config_error: Callable[[str], ConfigError] | None = None
+) -> Engine:
     """Load the model and build vLLM's serving layer over it.
+
+    ``config_error`` turns vLLM's config validation message into the one
+    line naming the variable (``EngineArgs.config_error``).
 
     Config creation and engine start-up block for a long time (weights,
     warm-up); they run in a daemon thread so the event loop keeps answering
@@ -156,7 +365,7 @@ async def start_engine(args: argparse.Namespace) -> Engine:
     except (ValueError, TypeError) as exc:
         # Config validation (e.g. MAX_MODEL_LEN beyond the model's) is a bad
         # setting: report it on one line like any other.
-        raise engine_config_error(str(exc)) from None
+        raise (config_error or _config_error)(str(exc)) from None
 
     client = await _off_loop(
         AsyncLLM.from_vllm_config,
@@ -184,3 +393,7 @@ async def start_engine(args: argparse.Namespace) -> Engine:
 
     freeze_gc_heap()
     return engine
+
+
+def _config_error(message: str) -> ConfigError:
+    return ConfigError(f"invalid engine configuration: {one_line(message)}")

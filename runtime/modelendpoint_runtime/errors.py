@@ -39,6 +39,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# Client text echoed in messages and log fields (a model name, a path) is
+# clipped: a 1 MB "model" must not come back as a 1 MB error or log line.
+ECHO_LIMIT = 256
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    return text if len(text) <= limit else text[:limit] + "...(truncated)"
+
+
 def invalid_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, code)
 
@@ -46,7 +55,7 @@ def invalid_request(message: str, param: str | None = None, code: str | None = "
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{clip(model)}` does not exist or you do not have access to it.",
         INVALID_REQUEST,
         "model",
         "model_not_found",
@@ -63,7 +72,32 @@ def invalid_api_key(present: bool) -> APIError:
 
 
 def body_too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body exceeds the limit of {limit} bytes.", INVALID_REQUEST, None, "request_too_large")
+    # Connection: close: the rest of the body is not worth reading.
+    return APIError(413, f"The request body exceeds the limit of {limit} bytes.", INVALID_REQUEST, None,
+                    "request_too_large", {"Connection": "close"})  # fmt: skip
+
+
+def request_timeout(seconds: float) -> APIError:
+    """The body did not arrive within READ_TIMEOUT_SECONDS; the connection is closed after the answer."""
+    return APIError(408, f"The request was not received within {seconds:g} seconds.", INVALID_REQUEST, None,
+                    "request_timeout", {"Connection": "close"})  # fmt: skip
+
+
+def headers_too_large(limit: int) -> APIError:
+    return APIError(431, f"The request's headers exceed the limit of {limit} bytes.", INVALID_REQUEST, None,
+                    "request_header_fields_too_large", {"Connection": "close"})  # fmt: skip
+
+
+def too_many_connections(retry_after: int) -> APIError:
+    return APIError(503, "The server has too many open connections; retry after the time given in Retry-After.",
+                    SERVER_ERROR, None, "too_many_connections",
+                    {"Retry-After": str(retry_after), "Connection": "close"})  # fmt: skip
+
+
+def keys_unavailable(retry_after: int) -> APIError:
+    """API_KEY_FILE turned unusable while serving: fail closed, every request refused."""
+    return APIError(503, "The server cannot check API keys right now; the request was refused.", SERVER_ERROR,
+                    None, "api_keys_unavailable", {"Retry-After": str(retry_after)})  # fmt: skip
 
 
 def overloaded(retry_after: int) -> APIError:
@@ -99,11 +133,12 @@ def internal_error() -> APIError:
 
 
 def route_not_found(method: str, path: str) -> APIError:
-    return APIError(404, f"Invalid URL ({method} {path})", INVALID_REQUEST, None, "unknown_url")
+    return APIError(404, f"Invalid URL ({method} {clip(path)})", INVALID_REQUEST, None, "unknown_url")
 
 
 def method_not_allowed(method: str, path: str) -> APIError:
-    return APIError(405, f"Method {method} is not allowed on {path}", INVALID_REQUEST, None, "method_not_allowed")
+    return APIError(405, f"Method {clip(method, 32)} is not allowed on {clip(path)}", INVALID_REQUEST, None,
+                    "method_not_allowed")  # fmt: skip
 
 
 def param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -139,7 +174,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     message = f"Invalid value for '{param}': {msg}" if param else msg
     if first.get("type") == "missing" and param:
         message = f"Missing required parameter: '{param}'."
-    return APIError(400, message, INVALID_REQUEST, param, "missing_required_parameter" if first.get("type") == "missing" else "invalid_value")
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return APIError(400, message, INVALID_REQUEST, param, code)
 
 
 def engine_unavailable(retry_after: int) -> APIError:

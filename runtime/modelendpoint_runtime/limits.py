@@ -5,8 +5,15 @@ Pure functions over the already schema-validated request object (vLLM's
 attributes works, which is how the unit tests drive them):
 
 * the model name must be the served one (404 ``model_not_found``);
+* on the raw body, before vLLM's request models spend time on it: caps on
+  the number of ``messages``, of ``stop`` sequences and of prompts
+  (``LIMIT_MESSAGES``, ``LIMIT_STOP``, ``LIMIT_PROMPTS``);
 * configurable caps on ``n``, ``max_tokens`` (and ``max_completion_tokens``),
-  ``best_of`` and ``logprobs`` / ``top_logprobs`` (400 naming the parameter);
+  ``best_of`` and ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs``, and
+  no negative log-probability counts (vLLM reads -1 as "the whole
+  vocabulary"): 400 naming the parameter the client sent;
+* :func:`sequences`, the weight of a request for admission control: the
+  sequences it puts in the engine, prompts x max(n, best_of);
 * ``best_of``, which vLLM 0.32 removed from its request models (its V1
   engine no longer samples extra sequences to rank them), is given its
   meaning back here: with ``use_beam_search`` it is the beam width and the
@@ -21,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import APIError, invalid_request, model_not_found
+from .errors import APIError, clip, invalid_request, model_not_found
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,9 @@ class Limits:
     best_of: int = 16
     max_tokens: int = 32768
     logprobs: int = 20
+    prompts: int = 64
+    messages: int = 2048
+    stop: int = 16
 
 
 @dataclass(frozen=True)
@@ -48,15 +58,33 @@ class Plan:
     rank: bool = False
 
 
-def check_shape(body: dict[str, Any], kind: str) -> APIError | None:
-    """Structural checks vLLM's request models do not word well.
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a completions ``prompt`` holds: a string or a list of token ids is one;
+    a list of strings, or of token-id lists, is one per item."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+def check_shape(body: dict[str, Any], kind: str, limits: Limits = Limits()) -> APIError | None:
+    """Structural checks and counts, on the raw body, before vLLM's request models see it.
 
     vLLM validates ``messages`` inside model validators that iterate it
     before type-checking, so ``"messages": null`` surfaces as "'NoneType'
     object is not iterable" with no parameter. Checking the outline first gives
-    the client a message and a ``param`` that say what is wrong.
+    the client a message and a ``param`` that say what is wrong. The counts
+    come first: a body of 100,000 messages or stop strings is refused before
+    anything walks it.
     """
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > limits.stop:
+        return invalid_request(f"stop may hold at most {limits.stop} sequences, got {len(stop)}.", "stop")
+    if isinstance(stop, str) and limits.stop < 1:
+        return invalid_request("stop sequences are not accepted by this server.", "stop")
     if kind != "chat":
+        count = prompt_count(body.get("prompt"))
+        if count > limits.prompts:
+            return invalid_request(f"prompt may hold at most {limits.prompts} prompts, got {count}.", "prompt")
         return None
     if "messages" not in body:
         return APIError(400, "Missing required parameter: 'messages'.", "invalid_request_error", "messages",
@@ -66,6 +94,9 @@ def check_shape(body: dict[str, Any], kind: str) -> APIError | None:
         return invalid_request("'messages' must be an array of message objects.", "messages")
     if not messages:
         return invalid_request("'messages' must contain at least one message.", "messages")
+    if len(messages) > limits.messages:
+        return invalid_request(f"messages may hold at most {limits.messages} messages, got {len(messages)}.",
+                               "messages")  # fmt: skip
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             return invalid_request(f"'messages[{i}]' must be an object with 'role' and 'content'.", f"messages[{i}]")
@@ -82,7 +113,7 @@ def check_model(requested: Any, served: str) -> APIError | None:
     if not isinstance(requested, str):
         return invalid_request("'model' must be a string.", "model")
     if requested != served:
-        return model_not_found(str(requested))
+        return model_not_found(clip(requested))
     return None
 
 
@@ -110,21 +141,29 @@ def check_caps(request: Any, limits: Limits, kind: str) -> APIError | Plan:
         if value > limits.max_tokens:
             return invalid_request(f"{name} must be at most {limits.max_tokens}, got {value}.", name)
 
-    if kind == "chat":
-        top = getattr(request, "top_logprobs", None)
-        if top is not None and top > limits.logprobs:
-            return invalid_request(f"top_logprobs must be at most {limits.logprobs}, got {top}.", "top_logprobs")
-    else:
-        lp = getattr(request, "logprobs", None)
-        if lp is not None and lp > limits.logprobs:
-            return invalid_request(f"logprobs must be at most {limits.logprobs}, got {lp}.", "logprobs")
-    prompt_lp = getattr(request, "prompt_logprobs", None)
-    if prompt_lp is not None and prompt_lp > limits.logprobs:
-        return invalid_request(
-            f"prompt_logprobs must be at most {limits.logprobs}, got {prompt_lp}.", "prompt_logprobs"
-        )
+    # Log-probability counts: vLLM reads -1 as "the whole vocabulary" (and
+    # would name another parameter than the one sent), so negatives are ours to refuse.
+    names = ("top_logprobs",) if kind == "chat" else ("logprobs",)
+    for name in (*names, "prompt_logprobs"):
+        value = _int_or_none(getattr(request, name, None))
+        if value is None:
+            continue
+        if value < 0:
+            return invalid_request(f"{name} must be at least 0, got {value}.", name)
+        if value > limits.logprobs:
+            return invalid_request(f"{name} must be at most {limits.logprobs}, got {value}.", name)
 
     return _plan_best_of(request, limits, n)
+
+
+def sequences(request: Any, kind: str, plan: Plan) -> int:
+    """The sequences a request puts in the engine, its weight for admission: prompts x max(n, best_of).
+
+    ``plan.engine_n`` is best_of (or the beam width) when it exceeds n.
+    """
+    n = plan.engine_n or getattr(request, "n", None) or 1
+    prompts = 1 if kind == "chat" else prompt_count(getattr(request, "prompt", None))
+    return max(1, prompts) * max(1, n)
 
 
 def _plan_best_of(request: Any, limits: Limits, n: int) -> APIError | Plan:
@@ -140,7 +179,9 @@ def _plan_best_of(request: Any, limits: Limits, n: int) -> APIError | Plan:
     if best_of > limits.best_of:
         return invalid_request(f"best_of must be at most {limits.best_of}, got {best_of}.", "best_of")
     if best_of < n:
-        return invalid_request(f"best_of must be greater than or equal to n, got best_of={best_of} and n={n}.", "best_of")
+        return invalid_request(
+            f"best_of must be greater than or equal to n, got best_of={best_of} and n={n}.", "best_of"
+        )
     if best_of == n:
         return Plan()
     if getattr(request, "stream", False):

@@ -1,11 +1,14 @@
 """Entry point: ``modelendpoint-runtime``.
 
-Order of events: validate settings, bind the listening socket (a bad HOST
-or a PORT in use exits with code 2 and one line on stderr within a second,
-before vLLM is even imported), validate vLLM's engine arguments (same), start
-uvicorn (uvloop, httptools) on that socket so /health and /ready answer at
-once, load the engine in the background, serve. SIGTERM drains: readiness
-turns 503, new requests get 503, in-flight ones may finish for
+Order of events: validate the runtime's own settings, read API_KEY_FILE, bind
+the listening sockets (PORT, and METRICS_PORT when set): a bad value, a
+bad HOST or a port in use exits with code 2 and one line on stderr within a
+second, before vLLM is even imported. Then build vLLM's parser and apply the
+worker rule (every variable named like a vLLM option, VLLM_EXTRA_ARGS last;
+same one-line exit 2), start uvicorn (uvloop, httptools with the runtime's
+connection limits) on those sockets so /health and /ready answer at once,
+load the engine in the background, serve. SIGTERM drains: readiness turns
+503, new requests get 503, in-flight ones may finish for
 DRAIN_TIMEOUT_SECONDS, then the server stops and the process exits 0. A
 second SIGTERM, or SIGINT, stops at once (uvicorn's graceful shutdown).
 SIGTERM while the model is still loading does not wait for the load: the
@@ -15,7 +18,6 @@ load is cancelled (see ``app.create_app``) and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import signal
 import socket
@@ -24,7 +26,9 @@ from types import FrameType
 
 import uvicorn
 
-from .settings import ACCEPTED, ConfigError, engine_argv, load_settings
+from .auth import initial_keyring
+from .server import ConnectionLimits, bind_listener, protocol_class
+from .settings import ConfigError, load_settings
 
 PROG = "modelendpoint-runtime"
 
@@ -58,41 +62,9 @@ class DrainingServer(uvicorn.Server):
         in_flight = self.runtime.admission.in_flight
         log.info("draining", extra={"fields": {"in_flight": in_flight, "timeout_s": timeout}})
         idle = await self.runtime.admission.wait_idle(timeout)
-        log.info("drained" if idle else "drain timeout", extra={"fields": {"in_flight": self.runtime.admission.in_flight}})
+        left = self.runtime.admission.in_flight
+        log.info("drained" if idle else "drain timeout", extra={"fields": {"in_flight": left}})
         self.should_exit = True
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound now; a bad HOST or a busy PORT raises ConfigError.
-
-    Binding here, before the model loads, turns "address already in use"
-    into a one-line error at start instead of a uvicorn traceback minutes
-    later, once the weights are in memory. uvicorn serves on this socket
-    (``server.run(sockets=[...])``); it calls ``listen`` itself.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(f"invalid HOST={host!r} ({exc}); accepted values: {ACCEPTED['HOST']}") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        # As uvicorn does: a restarted server may rebind while old connections linger in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"invalid PORT={port}: the port is already in use on {host}; accepted values: a free port, "
-                f"{ACCEPTED['PORT']}"
-            ) from None
-        if exc.errno == errno.EACCES:
-            raise ConfigError(f"invalid PORT={port}: permission denied (ports below 1024 need privileges)") from None
-        raise ConfigError(
-            f"invalid HOST={host!r}: cannot listen there ({exc.strerror}); accepted values: {ACCEPTED['HOST']}"
-        ) from None
-    return sock
 
 
 def _fail(message: str, code: int) -> None:
@@ -101,45 +73,59 @@ def _fail(message: str, code: int) -> None:
 
 
 def main() -> None:
+    listeners: list[socket.socket] = []
+
+    def fail(message: str, code: int) -> None:
+        for sock in listeners:
+            sock.close()
+        _fail(message, code)
+
     try:
         settings = load_settings(os.environ)
+        keyring = initial_keyring(settings)
+        listeners.append(bind_listener(settings.host, settings.port))
+        if settings.metrics_port is not None:
+            listeners.append(bind_listener(settings.host, settings.metrics_port, "METRICS_PORT"))
     except ConfigError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
         return
 
-    try:
-        listener = bind_listener(settings.host, settings.port)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-        return
-
-    # Heavy imports (torch, vLLM) only once the settings are known good.
+    # Heavy imports (torch, vLLM) only once our own settings are known good.
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
-    from .app import Runtime, create_app
-    from .engine import parse_engine_args, start_engine, stop_engine_processes
+    from .app import Runtime, create_app, log
+    from .engine import engine_args, start_engine, stop_engine_processes
     from .logs import setup_logging
 
     try:
-        args = parse_engine_args(engine_argv(settings), settings.vllm_extra_args, settings)
+        parsed = engine_args(os.environ, settings)
     except ConfigError as exc:
-        listener.close()
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
         return
     cli_env_setup()  # vLLM's worker processes start with spawn
     from vllm.utils.system_utils import set_ulimit
 
     set_ulimit()  # as vLLM's server: room for many client connections (RLIMIT_NOFILE)
     setup_logging(settings.log_level)
+    # What vLLM was given, for whoever wonders whether a variable reached it.
+    log.info("engine options", extra={"fields": {"options": parsed.log_fields()}})
 
-    runtime = Runtime(settings)
-    app = create_app(runtime, lambda: start_engine(args), stop_engine_processes)
+    runtime = Runtime(settings, keyring=keyring)
+    app = create_app(runtime, lambda: start_engine(parsed.args, parsed.config_error), stop_engine_processes)
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=settings.max_connections,
+        read_timeout=settings.read_timeout_seconds,
+        write_timeout=settings.write_timeout_seconds,
+        retry_after=settings.retry_after_seconds,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(limits, runtime.metrics),
+        ws="none",
         lifespan="on",
         access_log=False,  # our Guard writes one JSON line per request instead
         log_level=settings.log_level if settings.log_level != "info" else "warning",
@@ -154,7 +140,7 @@ def main() -> None:
         server.should_exit = True
 
     runtime.on_fatal = _on_fatal
-    server.run(sockets=[listener])
+    server.run(sockets=listeners)
     if runtime.loading:
         # Stopped while the model was loading, and the load did not end when
         # its engine process was stopped (still reading the config, say): its

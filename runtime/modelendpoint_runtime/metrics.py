@@ -45,6 +45,16 @@ class Metrics:
             "modelendpoint_requests_in_flight", "Generation requests admitted and not finished (running or queued).",
             registry=registry,
         )  # fmt: skip
+        self.sequences_in_flight = Gauge(
+            "modelendpoint_sequences_in_flight",
+            "Sequences of the admitted generation requests (prompts x max(n, best_of)): what admission counts.",
+            registry=registry,
+        )  # fmt: skip
+        self.client_timeouts = Counter(
+            "modelendpoint_client_timeouts_total",
+            "Connections cut because the client was too slow: headers or body late (read), or not reading (write).",
+            ["kind"], registry=registry,
+        )  # fmt: skip
         self.rejected = Counter(
             "modelendpoint_requests_rejected_total", "Requests refused before the engine, by reason.",
             ["reason"], registry=registry,

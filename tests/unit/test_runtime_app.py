@@ -25,7 +25,10 @@ from modelendpoint_runtime.metrics import Metrics
 from modelendpoint_runtime.settings import load_settings
 
 SECRET = "Traceback at /usr/lib/python3.11/secret_module.py token=abc123"
-CHUNK = 'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+CHUNK = (
+    'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+    '"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+)
 
 
 class FakeServing:
@@ -34,9 +37,16 @@ class FakeServing:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.seen: list = []  # the requests vLLM's serving layer was handed
+        self.release = asyncio.Event()
+        self.running = 0
 
     async def _run(self, req, raw):
         self.seen.append(req.model_copy())
+        if self.mode == "hold":  # runs until released: an engine request in flight
+            self.running += 1
+            await self.release.wait()
+            self.running -= 1
+            return SimpleNamespace(model_dump=lambda: samples_response(req))
         if self.mode == "unavailable":  # vLLM's own retryable refusal
             from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
@@ -56,7 +66,8 @@ class FakeServing:
 
             async def gen():
                 yield CHUNK
-                yield 'data: {"error": {"message": "' + SECRET + '", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
+                error = {"message": SECRET, "type": "InternalServerError", "param": None, "code": 500}
+                yield "data: " + json.dumps({"error": error}) + "\n\n"
                 yield "data: [DONE]\n\n"
 
             return gen()
@@ -73,7 +84,8 @@ class FakeServing:
             raw.state.request_metadata = meta
 
             async def gen():
-                yield 'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+                yield ('data: {"id":"x","object":"chat.completion.chunk",'
+                       '"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n')
                 yield CHUNK
                 meta.final_usage_info = SimpleNamespace(prompt_tokens=5, completion_tokens=1)
                 yield "data: [DONE]\n\n"
@@ -93,7 +105,7 @@ def samples_response(req) -> dict:
     chat = hasattr(req, "messages")
     choices = []
     for i in range(req.n):
-        lps = SAMPLE_LOGPROBS[i]
+        lps = SAMPLE_LOGPROBS[i % len(SAMPLE_LOGPROBS)]
         if chat:
             logprobs = {"content": [{"token": "t", "logprob": lp, "bytes": None, "top_logprobs": []} for lp in lps]}
             choices.append({"index": i, "message": {"role": "assistant", "content": f"s{i}"}, "logprobs": logprobs,
@@ -108,7 +120,8 @@ def samples_response(req) -> dict:
 
 class FakeModels:
     async def show_available_models(self):
-        card = SimpleNamespace(model_dump=lambda: {"id": "m", "object": "model", "created": 1, "owned_by": "vllm", "root": "/models/m"})
+        fields = {"id": "m", "object": "model", "created": 1, "owned_by": "vllm", "root": "/models/m"}
+        card = SimpleNamespace(model_dump=lambda: dict(fields))
         return SimpleNamespace(data=[card])
 
 
@@ -176,7 +189,8 @@ def test_raw_openai_output_0_streams_ndjson_by_default():
     lines = r.text.splitlines()
     assert len(lines) == 2 and all(json.loads(line)["choices"][0]["delta"]["content"] == "Hi" for line in lines)
     # ...and SSE when the client asks for it.
-    r = run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"stream": True}, headers={"Accept": "text/event-stream"}))
+    sse = {"Accept": "text/event-stream"}
+    r = run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"stream": True}, headers=sse))
     assert r.text.endswith("data: [DONE]\n\n")
 
 
@@ -222,7 +236,8 @@ def test_full_admission_is_503_overloaded():
 def test_models_card_hides_the_weights_path_and_other_endpoint_is_404():
     _, app = make()
     r = run(call(app, "GET", "/v2/ep/openai/v1/models"))
-    assert r.json() == {"object": "list", "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "modelendpoint"}]}
+    card = {"id": "m", "object": "model", "created": 1, "owned_by": "modelendpoint"}
+    assert r.json() == {"object": "list", "data": [card]}
     assert run(call(app, "GET", "/v2/other/openai/v1/models")).status_code == 404
 
 
@@ -303,7 +318,9 @@ def test_stream_that_never_started_still_releases_its_slot():
         return {"type": "http.disconnect"}
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST", "headers": []}
-    with pytest.raises(Exception):
+    from starlette.requests import ClientDisconnect
+
+    with pytest.raises(ClientDisconnect):  # Starlette's word for the failed first send
         run(_TicketedStream(body(), ticket, "text/event-stream")(scope, receive, gone))
     assert runtime.admission.in_flight == 0 and not ticket.held
 
@@ -404,3 +421,211 @@ def test_stopping_while_loading_cancels_the_load_instead_of_waiting_for_it():
         assert not runtime.loading and runtime.fatal is None and runtime.engine is None
 
     run(asyncio.wait_for(scenario(), timeout=5))
+
+
+# issue 13: slow clients, weighted admission, caps, echoes -------------------------
+
+
+def serving(runtime, kind="chat"):
+    state = runtime.engine.state
+    return state.openai_serving_chat if kind == "chat" else state.openai_serving_completion
+
+
+def test_a_body_that_does_not_arrive_holds_no_slot_and_gets_408():
+    # Issue 13.2: the slot used to be taken before the body was read: two
+    # clients trickling their bodies held both slots, and a third got 503.
+    runtime, app = make("samples", MAX_CONCURRENT_REQUESTS="2", READ_TIMEOUT_SECONDS="1")
+
+    async def half_a_body():
+        yield b'{"model": "m", "messages": [{"role": "user", "con'
+        await asyncio.Event().wait()  # ...and the rest never comes
+
+    async def scenario():
+        json_type = {"content-type": "application/json"}
+        stalled = [asyncio.create_task(call(app, "POST", "/v1/chat/completions", content=half_a_body(),
+                                            headers=json_type)) for _ in range(2)]  # fmt: skip
+        await asyncio.sleep(0.1)
+        assert runtime.admission.in_flight == 0
+        third = await call(app, "POST", "/v1/chat/completions", json=CHAT)
+        assert third.status_code == 200
+        return [await t for t in stalled]
+
+    for r in run(asyncio.wait_for(scenario(), timeout=10)):
+        assert r.status_code == 408 and r.headers["connection"] == "close"
+        assert error_of(r) == {"message": "The request was not received within 1 seconds.",
+                               "type": "invalid_request_error", "param": None, "code": "request_timeout"}  # fmt: skip
+    assert runtime.admission.in_flight == 0
+
+
+def test_admission_counts_sequences_not_requests():
+    # Issue 13.3: one request with n=3 weighs 3 of MAX_CONCURRENT_REQUESTS=4.
+    runtime, app = make("hold", MAX_CONCURRENT_REQUESTS="4", RETRY_AFTER_SECONDS="3")
+    fake = serving(runtime)
+
+    async def scenario():
+        held = asyncio.create_task(call(app, "POST", "/v1/chat/completions", json=CHAT | {"n": 3}))
+        while fake.running < 1:
+            await asyncio.sleep(0.01)
+        assert runtime.admission.in_flight == 3 and runtime.metrics.sequences_in_flight._value.get() == 3
+        refused = await call(app, "POST", "/v1/chat/completions", json=CHAT | {"n": 2})  # 3 + 2 > 4
+        one = asyncio.create_task(call(app, "POST", "/v1/chat/completions", json=CHAT))  # 3 + 1 fits
+        while fake.running < 2:
+            await asyncio.sleep(0.01)
+        fake.release.set()
+        return refused, await held, await one
+
+    refused, held, one = run(asyncio.wait_for(scenario(), timeout=10))
+    assert refused.status_code == 503 and error_of(refused)["code"] == "overloaded"
+    assert held.status_code == 200 and one.status_code == 200
+    assert runtime.admission.in_flight == 0 and runtime.metrics.sequences_in_flight._value.get() == 0
+
+
+def test_a_batch_of_prompts_weighs_prompts_times_best_of():
+    runtime, app = make("hold", MAX_CONCURRENT_REQUESTS="16")
+    fake = serving(runtime, "completion")
+    body = {"model": "m", "prompt": ["a", "b", "c"], "max_tokens": 1, "n": 2, "best_of": 4}
+
+    async def scenario():
+        task = asyncio.create_task(call(app, "POST", "/v1/completions", json=body))
+        while fake.running < 1:
+            await asyncio.sleep(0.01)
+        weight = runtime.admission.in_flight
+        fake.release.set()
+        await task
+        return weight
+
+    assert run(asyncio.wait_for(scenario(), timeout=10)) == 3 * 4
+
+
+def test_a_request_heavier_than_the_limit_runs_alone():
+    runtime, app = make("samples", MAX_CONCURRENT_REQUESTS="2")
+    assert run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"n": 4})).status_code == 200
+    assert runtime.admission.try_acquire(1)  # with anything else in flight it would not fit
+    assert run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"n": 4})).status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("path", "patch", "param"),
+    [
+        ("/v1/completions", {"prompt": ["a", "b", "c"]}, "prompt"),  # LIMIT_PROMPTS=2
+        ("/v1/completions", {"prompt": [[1, 2], [3], [4]]}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 4}, "messages"),  # LIMIT_MESSAGES=3
+        ("/v1/chat/completions", {"stop": ["a", "b", "c"]}, "stop"),  # LIMIT_STOP=2
+        ("/v1/completions", {"stop": ["a", "b", "c"]}, "stop"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ("/v1/completions", {"logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"prompt_logprobs": -1}, "prompt_logprobs"),
+        ("/v1/chat/completions", {"prompt_logprobs": -2}, "prompt_logprobs"),
+    ],
+)
+def test_counts_and_negative_logprobs_are_400_naming_the_parameter_sent(path, patch, param):
+    # Issue 13.3/13.4: none of these reached a cap before; vLLM read -1 as the whole vocabulary.
+    runtime, app = make("samples", LIMIT_PROMPTS="2", LIMIT_MESSAGES="3", LIMIT_STOP="2")
+    base = CHAT if "chat" in path else {"model": "m", "prompt": "x", "max_tokens": 1}
+    r = run(call(app, "POST", path, json=base | patch))
+    assert r.status_code == 400, r.text
+    assert error_of(r)["param"] == param and error_of(r)["type"] == "invalid_request_error"
+    assert serving(runtime, "chat" if "chat" in path else "completion").seen == []
+    # At the limits, accepted.
+    ok = {"prompt": ["a", "b"]} if param == "prompt" else {"stop": ["a", "b"]} if param == "stop" else {}
+    if param == "messages":
+        ok = {"messages": [{"role": "user", "content": "x"}] * 3}
+    assert run(call(app, "POST", path, json=base | ok)).status_code == 200
+
+
+def test_a_huge_model_name_is_clipped_in_the_answer_and_the_log_line():
+    _, app = make("samples")
+    huge = "m" * 100_000
+    logger = logging.getLogger(LOGGER_NAME)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        r = run(call(app, "POST", "/v1/chat/completions", json=CHAT | {"model": huge}))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    assert len(r.content) < 1000
+    (line,) = [rec.fields for rec in records if rec.getMessage() == "request"]
+    assert len(line["model"]) < 300 and line["model"].startswith("mmm")
+
+
+# API_KEY_FILE: rotation without a restart, fail closed -------------------------------
+
+
+def test_key_file_rotation_and_fail_closed(tmp_path):
+    from modelendpoint_runtime.auth import initial_keyring
+
+    keys = tmp_path / "keys"
+    keys.write_text("old-key\n")
+    settings = load_settings({"MODEL_NAME": "m", "API_KEY_FILE": str(keys), "API_KEY_FILE_POLL_SECONDS": "0.05"})
+    runtime = Runtime(settings, Metrics(CollectorRegistry()), keyring=initial_keyring(settings))
+    state = SimpleNamespace(openai_serving_models=FakeModels())
+    engine = SimpleNamespace(state=state, dead=False, shutdown=lambda: None)
+
+    async def starter():
+        return engine
+
+    app = create_app(runtime, starter)
+
+    def replace(text):  # as the kubelet does: a new file, renamed into place
+        tmp = tmp_path / "keys.new"
+        tmp.write_text(text)
+        tmp.replace(keys)
+
+    async def status(key):
+        return (await call(app, "GET", "/v1/models", key=key)).status_code
+
+    async def until(probe, want):
+        for _ in range(200):
+            if await probe() == want:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never {want}")
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            await until(lambda: status("old-key"), 200)
+            replace("new-key, newer-key")
+            await until(lambda: status("old-key"), 401)
+            assert await status("new-key") == 200 and await status("newer-key") == 200
+            # A bad update fails closed: every request refused, not "no auth".
+            replace("\n")
+            await until(lambda: status("new-key"), 503)
+            r = await call(app, "GET", "/v1/models", key=None)
+            assert r.status_code == 503 and error_of(r)["code"] == "api_keys_unavailable"
+            assert (await call(app, "GET", "/ready", key=None)).json() == {"status": "keys_unavailable"}
+            keys.unlink()
+            await asyncio.sleep(0.15)
+            assert await status("new-key") == 503
+            replace("new-key")
+            await until(lambda: status("new-key"), 200)
+            assert (await call(app, "GET", "/ready", key=None)).status_code == 200
+
+    run(asyncio.wait_for(scenario(), timeout=20))
+
+
+def test_metrics_port_serves_probes_and_metrics_without_a_key():
+    runtime, app = make("samples", METRICS_PORT="9400")
+    on_metrics = {"base_url": "http://t:9400"}
+
+    async def get(path, key=None, method="GET", **kw):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, **kw) as client:
+            return await client.request(method, path, headers=headers)
+
+    r = run(get("/metrics", **on_metrics))
+    assert r.status_code == 200 and "# TYPE " in r.text  # the default registry (vLLM's series in a pod)
+    assert run(get("/ready", **on_metrics)).status_code == 200
+    assert run(get("/health", **on_metrics)).status_code == 200
+    # Nothing else there, key or not; and the main port still wants the key for /metrics.
+    for path in ("/v1/models", "/openapi.json", "/v2/ep/openai/v1/models"):
+        r = run(get(path, key="key", **on_metrics))
+        assert r.status_code == 404 and error_of(r)["code"] == "unknown_url"
+    assert run(get("/metrics", method="POST", **on_metrics)).status_code == 404
+    assert run(get("/metrics", base_url="http://t:8000")).status_code == 401

@@ -153,6 +153,11 @@ def test_engine_503_retry_after_is_the_setting():
         ("chat", {"top_logprobs": 6}, "top_logprobs"),
         ("completion", {"logprobs": 6}, "logprobs"),
         ("completion", {"prompt_logprobs": 6}, "prompt_logprobs"),
+        # Issue 13.4: negatives (vLLM: "the whole vocabulary") are refused naming what was sent.
+        ("chat", {"top_logprobs": -1}, "top_logprobs"),
+        ("completion", {"logprobs": -1}, "logprobs"),
+        ("completion", {"prompt_logprobs": -1}, "prompt_logprobs"),
+        ("chat", {"prompt_logprobs": -5}, "prompt_logprobs"),
         ("completion", {"model_extra": {"best_of": 5}}, "best_of"),
         ("completion", {"model_extra": {"best_of": "two"}}, "best_of"),
         ("completion", {"n": 3, "model_extra": {"best_of": 2}}, "best_of"),
@@ -269,8 +274,14 @@ def test_choose_format():
 
 
 CHUNK = 'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
-ROLE = 'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
-ERR = 'data: {"error": {"message": "boom at /usr/lib/python3/x.py", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
+ROLE = (
+    'data: {"id":"c1","object":"chat.completion.chunk",'
+    '"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+)
+ERR = (
+    'data: {"error": {"message": "boom at /usr/lib/python3/x.py", "type": "InternalServerError", '
+    '"param": null, "code": 500}}\n\n'
+)
 DONE = "data: [DONE]\n\n"
 
 
@@ -310,6 +321,87 @@ def test_token_frame_detection():
 
 
 # admission ------------------------------------------------------------------
+
+
+def test_admission_is_weighted_by_sequences():
+    async def scenario():
+        a = Admission(4)
+        assert a.try_acquire(3)
+        assert not a.try_acquire(2)  # 3 + 2 > 4
+        assert a.try_acquire(1)
+        assert (a.in_flight, a.requests) == (4, 2)
+        a.release(3)
+        a.release(1)
+        assert a.in_flight == 0 and await a.wait_idle(0.01)
+        # Heavier than the whole limit: only alone.
+        assert a.try_acquire(10) and a.in_flight == 4
+        assert not a.try_acquire(1)
+        a.release(10)
+        assert a.try_acquire(1) and not a.try_acquire(10)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("kind", "request_fields", "plan", "weight"),
+    [
+        ("chat", {"n": 1}, Plan(), 1),
+        ("chat", {"n": 3}, Plan(), 3),
+        ("chat", {"n": 2}, Plan(engine_n=4, keep_n=2, rank=True), 4),  # best_of=4
+        ("completion", {"n": 2, "prompt": ["a", "b", "c"]}, Plan(), 6),
+        ("completion", {"n": 1, "prompt": [[1, 2], [3]]}, Plan(engine_n=3, keep_n=1), 6),
+        ("completion", {"n": 1, "prompt": [1, 2, 3]}, Plan(), 1),  # one tokenized prompt
+        ("completion", {"n": 1, "prompt": "text"}, Plan(), 1),
+    ],
+)
+def test_sequences_weigh_prompts_times_max_n_best_of(kind, request_fields, plan, weight):
+    from modelendpoint_runtime.limits import sequences
+
+    assert sequences(SimpleNamespace(**request_fields), kind, plan) == weight
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        ("completion", {"prompt": ["a"] * 3}, "prompt"),
+        ("chat", {"messages": [{"role": "user", "content": "x"}] * 3}, "messages"),
+        ("chat", {"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c"]}, "stop"),
+    ],
+)
+def test_shape_counts_before_anything_walks_the_body(kind, body, param):
+    from modelendpoint_runtime.limits import check_shape
+
+    limits = Limits(prompts=2, messages=2, stop=2)
+    err = check_shape(body, kind, limits)
+    assert err is not None and err.status == 400 and err.param == param
+
+
+def test_clip_keeps_echoes_short():
+    assert errors.clip("x" * 10) == "x" * 10
+    assert len(errors.clip("x" * 10_000)) < 300
+    assert len(errors.model_not_found("y" * 10_000).message) < 400
+    assert len(errors.route_not_found("GET", "/" + "z" * 10_000).message) < 400
+
+
+def test_key_ring_and_key_file(tmp_path):
+    from modelendpoint_runtime.auth import KeyRing, read_key_file
+
+    ring = KeyRing(["a", "b"], required=True)
+    assert ring.usable and key_matches("a", ring.keys)
+    assert ring.fail("the file is empty") and not ring.usable and not key_matches("a", ring.keys)
+    assert not ring.fail("the file is empty")  # no news: logged once
+    assert ring.replace(["c"]) and ring.usable and key_matches("c", ring.keys) and not key_matches("a", ring.keys)
+    assert not ring.replace(["c"])
+    assert KeyRing().usable and not KeyRing().required  # no key configured: no auth
+    path = tmp_path / "keys"
+    path.write_text("k1,k2\n")
+    assert read_key_file(str(path)) == ("k1", "k2")
+    for content, reason in (("", "the file is empty"), ("k1\n\nk2", "the file holds an empty key in the list")):
+        path.write_text(content)
+        with pytest.raises(ValueError, match=reason):
+            read_key_file(str(path))
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_key_file(str(tmp_path / "missing"))
 
 
 def test_admission_limit_and_drain():

@@ -1,4 +1,4 @@
-"""Settings -> engine arguments, and one-line errors for bad settings (no engine, no I/O)."""
+"""The runtime's own settings and their one-line errors; the exit before vLLM is imported (no engine)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelendpoint_runtime.settings import (
-    ACCEPTED,
-    ConfigError,
-    RuntimeSettings,
-    engine_arg_error,
-    engine_argv,
-    load_settings,
-)
+from modelendpoint_runtime.settings import ACCEPTED, ConfigError, RuntimeSettings, load_settings, parse_keys
 
 BASE = {"MODEL_NAME": "org/model"}
 
@@ -47,10 +40,67 @@ def test_override_and_role_and_keys():
 
 
 def test_empty_optional_values_mean_unset():
-    s = load_settings(BASE | {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "", "API_KEY": " ", "QUANTIZATION": ""})
+    s = load_settings(BASE | {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "", "ENDPOINT_ID": " ", "METRICS_PORT": ""})
     assert s.served_model_name == "org/model"
-    assert s.api_keys == ()
-    assert s.quantization is None
+    assert s.endpoint_id is None and s.metrics_port is None
+
+
+@pytest.mark.parametrize("value", ["", " ", "\n", " \t "])
+def test_set_but_empty_api_key_is_a_bad_setting_not_no_auth(value):
+    # Issue 13.1: an empty Secret value (or a newline) used to mean "no auth".
+    with pytest.raises(ConfigError) as err:
+        load_settings(BASE | {"API_KEY": value})
+    line = str(err.value)
+    assert line == f"invalid API_KEY=<redacted>: set but empty; accepted values: {ACCEPTED['API_KEY']}"
+
+
+@pytest.mark.parametrize("value", ["a,,b", "a,", ",a", "a, ,b"])
+def test_an_empty_entry_in_the_key_list_is_a_bad_setting(value):
+    with pytest.raises(ConfigError) as err:
+        load_settings(BASE | {"API_KEY": value})
+    assert str(err.value).startswith("invalid API_KEY=<redacted>: an empty key in the list;")
+
+
+def test_unset_api_key_is_no_auth():
+    s = load_settings(BASE)
+    assert s.api_keys == () and not s.auth_configured
+
+
+def test_parse_keys():
+    assert parse_keys("k1") == ("k1",)
+    assert parse_keys(" k1 , k2 ") == ("k1", "k2")
+    assert parse_keys("k1\nk2\n") == ("k1", "k2")  # a Secret file's final newline is fine
+    assert parse_keys("k1\r\nk2") == ("k1", "k2")
+    for bad in ("", "\n", "k1,,k2", "k1\n\nk2", ","):
+        with pytest.raises(ValueError):
+            parse_keys(bad)
+
+
+def test_api_key_and_api_key_file_together_are_a_bad_setting():
+    with pytest.raises(ConfigError, match="^invalid API_KEY_FILE='/k': API_KEY is set too"):
+        load_settings(BASE | {"API_KEY": "k", "API_KEY_FILE": "/k"})
+    with pytest.raises(ConfigError, match="^invalid API_KEY_FILE='': set but empty"):
+        load_settings(BASE | {"API_KEY_FILE": ""})
+
+
+def test_metrics_port_must_differ_from_port():
+    assert load_settings(BASE | {"METRICS_PORT": "9400"}).metrics_port == 9400
+    with pytest.raises(ConfigError, match="^invalid METRICS_PORT='8000': equals PORT;"):
+        load_settings(BASE | {"METRICS_PORT": "8000"})
+
+
+def test_new_limits_and_timeouts_have_sane_defaults():
+    s = load_settings(BASE)
+    assert (s.limit_prompts, s.limit_messages, s.limit_stop) == (64, 2048, 16)
+    assert (s.max_header_bytes, s.max_connections) == (32768, 1024)
+    assert (s.read_timeout_seconds, s.write_timeout_seconds, s.api_key_file_poll_seconds) == (30, 30, 5)
+
+
+def test_vllm_options_are_not_runtime_settings():
+    # Issue 10: no engine fields in our settings; vLLM's options follow the worker rule.
+    assert not {"max_model_len", "dtype", "tensor_parallel_size", "enforce_eager"} & set(RuntimeSettings.model_fields)
+    s = load_settings(BASE | {"MAX_MODEL_LEN": "nonsense", "DTYPE": "nonsense"})  # vLLM judges those, later
+    assert s.model_name == "org/model"
 
 
 def test_unrelated_environment_is_ignored():
@@ -58,61 +108,8 @@ def test_unrelated_environment_is_ignored():
     assert s.model_name == "org/model"
 
 
-def test_engine_argv_named_variables():
-    s = load_settings(
-        BASE
-        | {
-            "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "served",
-            "OPENAI_RESPONSE_ROLE": "bot",
-            "MAX_MODEL_LEN": "4096",
-            "DTYPE": "BFloat16",
-            "TENSOR_PARALLEL_SIZE": "2",
-            "GPU_MEMORY_UTILIZATION": "0.85",
-            "QUANTIZATION": "awq",
-            "ENFORCE_EAGER": "true",
-            "TRUST_REMOTE_CODE": "1",
-            "MAX_NUM_SEQS": "64",
-        }
-    )
-    argv = engine_argv(s)
-
-    def value(opt):
-        return argv[argv.index(opt) + 1]
-
-    assert value("--model") == "org/model"
-    assert value("--served-model-name") == "served"
-    assert value("--response-role") == "bot"
-    assert value("--max-model-len") == "4096"
-    assert value("--dtype") == "bfloat16"
-    assert value("--tensor-parallel-size") == "2"
-    assert value("--gpu-memory-utilization") == "0.85"
-    assert value("--quantization") == "awq"
-    assert value("--max-num-seqs") == "64"
-    assert "--enforce-eager" in argv and "--trust-remote-code" in argv
-
-
-def test_engine_argv_leaves_vllm_defaults_alone():
-    argv = engine_argv(load_settings(BASE))
-    for opt in ("--max-model-len", "--gpu-memory-utilization", "--quantization", "--enforce-eager",
-                "--trust-remote-code", "--max-num-seqs"):  # fmt: skip
-        assert opt not in argv
-
-
-def test_engine_args_passes_any_other_argument_last():
-    argv = engine_argv(load_settings(BASE | {"VLLM_EXTRA_ARGS": "--seed 7 --max-num-batched-tokens 2048 --kv-cache-dtype 'auto'"}))
-    assert argv[-6:] == ["--seed", "7", "--max-num-batched-tokens", "2048", "--kv-cache-dtype", "auto"]
-
-
-@pytest.mark.parametrize("option", ["--model x", "--served-model-name=y", "--served_model_name y", "--api-key k", "--port 1"])
-def test_engine_args_cannot_override_runtime_owned_options(option):
-    with pytest.raises(ConfigError) as err:
-        load_settings(BASE | {"VLLM_EXTRA_ARGS": option})
-    assert str(err.value).startswith("invalid VLLM_EXTRA_ARGS")
-    assert "\n" not in str(err.value)
-
-
-def test_engine_args_shell_syntax_error():
-    with pytest.raises(ConfigError, match="^invalid VLLM_EXTRA_ARGS"):
+def test_vllm_extra_args_shell_syntax_error():
+    with pytest.raises(ConfigError, match="^invalid VLLM_EXTRA_ARGS="):
         load_settings(BASE | {"VLLM_EXTRA_ARGS": "--seed 'unclosed"})
 
 
@@ -121,12 +118,16 @@ def test_engine_args_shell_syntax_error():
     [
         ("PORT", "abc"),
         ("PORT", "70000"),
-        ("MAX_MODEL_LEN", "-1"),
-        ("DTYPE", "float8"),
-        ("TENSOR_PARALLEL_SIZE", "0"),
-        ("GPU_MEMORY_UTILIZATION", "1.5"),
-        ("ENFORCE_EAGER", "maybe"),
+        ("METRICS_PORT", "0"),
         ("RAW_OPENAI_OUTPUT", "2"),
+        ("LIMIT_PROMPTS", "0"),
+        ("LIMIT_MESSAGES", "-1"),
+        ("LIMIT_STOP", "-1"),
+        ("MAX_HEADER_BYTES", "100"),
+        ("MAX_CONNECTIONS", "0"),
+        ("READ_TIMEOUT_SECONDS", "0"),
+        ("WRITE_TIMEOUT_SECONDS", "never"),
+        ("API_KEY_FILE_POLL_SECONDS", "0"),
         ("LIMIT_N", "0"),
         ("MAX_CONCURRENT_REQUESTS", "none"),
         ("DRAIN_TIMEOUT_SECONDS", "-3"),
@@ -161,15 +162,6 @@ def test_every_setting_field_is_documented_in_accepted():
     assert {name.upper() for name in RuntimeSettings.model_fields} == set(ACCEPTED)
 
 
-def test_engine_arg_error_names_the_variable_behind_an_option():
-    err = engine_arg_error("argument --max-model-len: invalid int value: 'x'")
-    assert str(err).startswith("invalid MAX_MODEL_LEN:")
-    err = engine_arg_error("argument --max-num-seqs: invalid int value: 'foo'", engine_args="--max-num-seqs foo")
-    assert str(err).startswith("invalid VLLM_EXTRA_ARGS:")
-    err = engine_arg_error("unrecognized arguments: --no-such-flag")
-    assert str(err) == "invalid VLLM_EXTRA_ARGS: unrecognized arguments: --no-such-flag"
-
-
 def _run_main(env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "modelendpoint_runtime"],
@@ -190,15 +182,6 @@ def test_process_exits_with_one_line_and_no_traceback():
     ]
 
 
-def test_engine_config_error_names_the_variable():
-    from modelendpoint_runtime.settings import engine_config_error
-
-    msg = "User-specified max_model_len (999999) is greater than the derived max_model_len (8192)."
-    assert str(engine_config_error(msg)) == f"invalid MAX_MODEL_LEN: {msg}"
-    assert str(engine_config_error("Unknown quantization method: foo\nmore")).startswith("invalid QUANTIZATION:")
-    assert str(engine_config_error("something else")).startswith("invalid engine configuration (MODEL_NAME or VLLM_EXTRA_ARGS)")
-
-
 # generation defaults: the guide's temperature, the LIMIT_MAX_TOKENS default -----
 
 
@@ -210,27 +193,10 @@ def test_generation_overrides_carry_the_guide_temperature_and_the_max_tokens_cap
     # (and its server-wide ceiling): without it the cap would not hold.
     assert generation_overrides(s) == {"temperature": 0.7, "max_new_tokens": 1024}
     # The user's values win, except that max_new_tokens cannot lift the cap.
-    assert generation_overrides(s, {"temperature": 0.2, "top_k": 5}) == {"temperature": 0.2, "top_k": 5, "max_new_tokens": 1024}
+    merged = generation_overrides(s, {"temperature": 0.2, "top_k": 5})
+    assert merged == {"temperature": 0.2, "top_k": 5, "max_new_tokens": 1024}
     assert generation_overrides(s, {"max_new_tokens": 64})["max_new_tokens"] == 64
     assert generation_overrides(s, {"max_new_tokens": 99999})["max_new_tokens"] == 1024
-
-
-def test_parse_engine_args_merges_generation_defaults_with_vllm_extra_args():
-    # Through vLLM's own parser: the user's --override-generation-config (JSON
-    # or dotted syntax) is merged, the user's value winning.
-    from modelendpoint_runtime.engine import parse_engine_args
-
-    s = load_settings({**BASE, "LIMIT_MAX_TOKENS": "300"})
-    args = parse_engine_args(engine_argv(s), "", s)
-    assert args.override_generation_config == {"temperature": 0.7, "max_new_tokens": 300}
-    extra = """--override-generation-config '{"temperature": 0.3, "top_p": 0.9}'"""
-    s = load_settings({**BASE, "LIMIT_MAX_TOKENS": "300", "VLLM_EXTRA_ARGS": extra})
-    args = parse_engine_args(engine_argv(s), extra, s)
-    assert args.override_generation_config == {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 300}
-    extra = "--override-generation-config.max_new_tokens 50"
-    s = load_settings({**BASE, "VLLM_EXTRA_ARGS": extra})
-    args = parse_engine_args(engine_argv(s), extra, s)
-    assert args.override_generation_config == {"temperature": 0.7, "max_new_tokens": 50}
 
 
 # listening socket: bound before anything heavy ----------------------------------
@@ -264,3 +230,54 @@ def test_bad_host_exits_2_with_one_line_naming_host(host):
     assert proc.returncode == 2
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"modelendpoint-runtime: invalid HOST={host!r}") and "Traceback" not in proc.stderr
+
+
+def _busy_port():
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    return busy, busy.getsockname()[1]
+
+
+def test_busy_metrics_port_exits_2_with_one_line_naming_metrics_port():
+    busy, port = _busy_port()
+    try:
+        from localcluster import free_port
+
+        other = free_port()
+        proc = _run_main({"MODEL_NAME": "m", "HOST": "127.0.0.1", "PORT": str(other), "METRICS_PORT": str(port)})
+    finally:
+        busy.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        f"modelendpoint-runtime: invalid METRICS_PORT={port}: the port is already in use on 127.0.0.1; "
+        f"accepted values: a free port, {ACCEPTED['PORT']}"
+    ]
+
+
+@pytest.mark.parametrize("value", ["", "\n"])
+def test_process_with_set_but_empty_api_key_exits_2_naming_api_key(value):
+    # Issue 13.1: the pod of a ModelEndpoint whose key Secret is empty must not serve anonymously.
+    proc = _run_main({"MODEL_NAME": "m", "HOST": "127.0.0.1", "PORT": "8000", "API_KEY": value})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"modelendpoint-runtime: invalid API_KEY=<redacted>: set but empty; accepted values: {ACCEPTED['API_KEY']}"
+    ]
+
+
+@pytest.mark.parametrize(("content", "reason"), [("", "the file is empty"), ("\n", "the file is empty"),
+                                                 ("sk-1,,sk-2", "the file holds an empty key in the list"),
+                                                 (None, "cannot read it (No such file or directory)")])  # fmt: skip
+def test_process_with_an_unusable_key_file_exits_2_naming_api_key_file(tmp_path, content, reason):
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    proc = _run_main({"MODEL_NAME": "m", "HOST": "127.0.0.1", "PORT": "8000", "API_KEY_FILE": str(path)})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"modelendpoint-runtime: invalid API_KEY_FILE={str(path)!r}: {reason}; "
+        f"accepted values: {ACCEPTED['API_KEY_FILE']}"
+    ]
+    assert "sk-1" not in proc.stderr
