@@ -353,8 +353,11 @@ class Gateway:
                         resp.write(WAITING_COMMENT)
                         next_comment = now + s.hold_keepalive_seconds
                     remaining = min(remaining, max(0.0, next_comment - now))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+                # (the client leaving) that coincides with the change; shield: the future is shared.
                 try:
-                    await asyncio.wait_for(asyncio.shield(current.changed()), remaining)
+                    async with asyncio.timeout(remaining):
+                        await asyncio.shield(current.changed())
                 except TimeoutError:
                     pass
         finally:
@@ -453,8 +456,9 @@ class Gateway:
             replica.in_flight += 1
             m.in_flight.inc()
             try:
-                outcome = await self._exchange(req, resp, model, replica, conn, ctx, can_retry=(
-                    ctx.attempts < s.max_attempts and model.choose(key_text, tried + [replica]) is not None))
+                can_retry = ctx.attempts < s.max_attempts and any(
+                    r is not replica and r not in tried for r in model.replicas)
+                outcome = await self._exchange(req, resp, model, replica, conn, ctx, can_retry)
             except UpstreamError as exc:
                 if reused and exc.before_response and stale_retry:
                     stale_retry = False

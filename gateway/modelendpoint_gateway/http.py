@@ -236,7 +236,8 @@ class HTTPServer:
                 return False
             self._idle_event.clear()
             try:
-                await asyncio.wait_for(self._idle_event.wait(), min(remaining, 0.5))
+                async with asyncio.timeout(min(remaining, 0.5)):
+                    await self._idle_event.wait()
             except TimeoutError:
                 pass
         return True
@@ -669,9 +670,8 @@ class Pool:
                 conn.close()
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep())
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(self, address), host, port),
-            self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(self, address), host, port)
         self.opened += 1
         return conn, False
 

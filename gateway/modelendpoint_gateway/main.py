@@ -105,8 +105,9 @@ class Service:
     async def _write_annotations(self) -> None:
         gw = self.gateway
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(gw.wake.wait(), 1.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await gw.wake.wait()
             gw.wake.clear()
             due = gw.held.due()
             if due:
@@ -206,7 +207,7 @@ class Service:
 
 
 async def serve(settings: GatewaySettings) -> int:
-    from kubernetes.config.config_exception import ConfigException
+    from kubernetes.aio.config.config_exception import ConfigException
 
     from .kube import Kube
 
