@@ -12,6 +12,7 @@ skipped for lack of it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -23,6 +24,7 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 pytest_plugins = ["fixtures_runtime", "fixtures_operator"]
 
 _TIERS = ("unit", "integration", "e2e")
+CPU_NODE = "kwok-cpu-0"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -60,6 +62,15 @@ def control_plane(testbed_bin: Path, tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("cluster")
     cp = localcluster.start(state, testbed_bin)
     try:
+        # A simulated node without GPUs or taints, for CPU ModelEndpoints (gpus: 0) whose pods
+        # need not really run here (the GPU nodes are tainted, as GPU node pools are). Only
+        # this tier's cluster has it: on `make dev`'s, CPU pods belong on the real node.
+        cpu_node = localcluster.gpu_node_manifest(CPU_NODE, 0)
+        cpu_node["spec"] = {}
+        cpu_node["metadata"]["labels"].pop("nvidia.com/gpu.present", None)
+        for part in ("allocatable", "capacity"):
+            cpu_node["status"][part].pop("nvidia.com/gpu", None)
+        cp.kubectl("apply", "-f", "-", input=json.dumps(cpu_node))
         yield cp
     finally:
         cp.stop()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from localcluster import free_ports
 from waiting import wait_for
 
@@ -90,7 +91,7 @@ class OperatorProcess:
         })
         return env
 
-    def start(self, *, wait_ready: bool = True) -> "OperatorProcess":
+    def start(self, *, wait_ready: bool = True) -> OperatorProcess:
         assert OPERATOR_BIN.exists(), (
             f"{OPERATOR_BIN} is missing; run `make setup` (installs the operator package)")
         self.metrics_port, self.liveness_port = free_ports(2)

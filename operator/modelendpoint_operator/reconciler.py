@@ -318,11 +318,12 @@ class Reconciler:
                     api_version, kind, ep.namespace, name, old["metadata"]["uid"]))
             if manifest is None or not manifests.needs_apply(manifest, live):
                 continue
+            child = f"{kind} {ep.namespace}/{manifest['metadata']['name']}"
             if restoring:
-                log.info("%s %s/%s was %s by someone else: restoring it", kind, ep.namespace,
-                         manifest["metadata"]["name"], "deleted" if live is None else "changed")
+                log.info("%s was %s by someone else: restoring it", child, "deleted" if live is None else "changed")
                 metrics.CHILDREN_RESTORED.labels(kind).inc()
             result = await self._apply_child(manifest, ep.uid)
+            log.info("applied %s (generation %d of ModelEndpoint %s/%s)", child, ep.generation, ep.namespace, ep.name)
             if kind == "Deployment":
                 deployment = result
         return deployment

@@ -11,6 +11,7 @@ import re
 import uuid
 
 import pytest
+
 from fixtures_operator import (
     Kubectl,
     children_versions,
@@ -58,7 +59,7 @@ def test_full_spec_children_status_and_columns(kubectl: Kubectl, namespace: str)
         gpus=2,
         engine=dict(maxModelLen=4096, dtype="bfloat16", gpuMemoryUtilization=0.85,
                     tensorParallelSize=2, quantization="awq", enforceEager=True,
-                    trustRemoteCode=True, maxNumSeqs=64,
+                    trustRemoteCode=True, maxNumSeqs=64, enablePrefixCaching=False,
                     extraArgs=["--seed", "7", "--chat-template", "/t/a b.jinja"]),
         image="registry.test/custom-runtime:1",
         imagePullPolicy="Always",
@@ -103,16 +104,16 @@ def test_full_spec_children_status_and_columns(kubectl: Kubectl, namespace: str)
         assert values["GPU_MEMORY_UTILIZATION"] == "0.85"
         assert values["TENSOR_PARALLEL_SIZE"] == "2"
         assert values["QUANTIZATION"] == "awq"
-        assert values["ENFORCE_EAGER"] == "1" and values["TRUST_REMOTE_CODE"] == "1"
-        assert values["MAX_NUM_SEQS"] == "64"
+        assert values["ENFORCE_EAGER"] == "true" and values["TRUST_REMOTE_CODE"] == "true"
+        assert values["MAX_NUM_SEQS"] == "64" and values["ENABLE_PREFIX_CACHING"] == "false"
+        assert values["METRICS_PORT"] == "9400"
         assert values["VLLM_EXTRA_ARGS"] == "--seed 7 --chat-template '/t/a b.jinja'"
         assert values["DRAIN_TIMEOUT_SECONDS"] == "20"
         assert values["LOG_LEVEL"] == "debug"
         # Secrets only by reference, never as literal values.
         assert env["HF_TOKEN"] == {"name": "HF_TOKEN",
                                    "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
-        assert env["API_KEY"] == {"name": "API_KEY",
-                                  "valueFrom": {"secretKeyRef": {"name": "api", "key": "keys"}}}
+        assert "API_KEY" not in env and values["API_KEY_FILE"] == "/etc/modelendpoint/api-key/keys"
         assert container["envFrom"] == [{"configMapRef": {"name": "extra", "optional": True}}]
         # GPUs, resources, image.
         assert container["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": "2"}
@@ -135,6 +136,9 @@ def test_full_spec_children_status_and_columns(kubectl: Kubectl, namespace: str)
         assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
         assert volumes[mounts[values["HF_HOME"]]]["persistentVolumeClaim"] == {
             "claimName": f"{name}-cache"}
+        # The API keys: the Secret's key as a file (the kubelet updates it in place).
+        assert volumes[mounts["/etc/modelendpoint/api-key"]]["secret"] == {
+            "secretName": "api", "defaultMode": 0o440, "items": [{"key": "keys", "path": "keys"}]}
         # Security and scheduling.
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -226,20 +230,21 @@ def deployment_version_and_status(kubectl: Kubectl, namespace: str, name: str) -
 
 def test_update_rolls_and_noop_changes_nothing(kubectl: Kubectl, namespace: str,
                                                operator) -> None:
-    kubectl.apply(mep("roll", namespace, model="m/one", gpus=1, ingress={"enabled": True}))
+    kubectl.apply(mep("roll", namespace, model="m/one", gpus=1, ingress={"enabled": True},
+                      allowUnauthenticated=True))
     wait_phase(kubectl, namespace, "roll", "Ready")
     before = children_versions(kubectl, namespace, "roll")
     assert set(before) == {"Deployment/roll", "Service/roll", "Ingress/roll"}
     writes = operator_writes(kubectl, namespace, "roll")
     deployment_before = deployment_version_and_status(kubectl, namespace, "roll")
 
-    # Reconciling an unchanged spec (an annotation change triggers kopf's update handler)
+    # Reconciling an unchanged spec (an annotation change is an event of the ModelEndpoint)
     # leaves every child's resourceVersion as it was.
     count = operator.metrics().get(
-        'modelendpoint_operator_reconciles_total{result="ok",trigger="update"}', 0)
+        'modelendpoint_operator_reconciles_total{result="ok",trigger="endpoint"}', 0)
     kubectl("annotate", "mep", "roll", "-n", namespace, "example.com/touched=1")
     wait_for(lambda: operator.metrics().get(
-        'modelendpoint_operator_reconciles_total{result="ok",trigger="update"}', 0) > count,
+        'modelendpoint_operator_reconciles_total{result="ok",trigger="endpoint"}', 0) > count,
         timeout=30, what="the operator to count one more successful update reconcile")
     assert operator_writes(kubectl, namespace, "roll") == writes
     after = children_versions(kubectl, namespace, "roll")
@@ -336,7 +341,8 @@ def test_hand_edited_labels_and_removed_owner_reference_are_restored(
 
 def test_delete_garbage_collects_children(kubectl: Kubectl, namespace: str) -> None:
     kubectl.apply(mep("gone", namespace, model="m/gone", gpus=1,
-                      ingress={"enabled": True, "host": "gone.example.com"}))
+                      ingress={"enabled": True, "host": "gone.example.com"},
+                      allowUnauthenticated=True))
     wait_phase(kubectl, namespace, "gone", "Ready")
     assert len(children_versions(kubectl, namespace, "gone")) == 3
     obj = kubectl.get("mep", "gone", namespace)

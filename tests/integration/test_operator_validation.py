@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from fixtures_operator import Kubectl, mep
 
 VALID = {"model": "org/model"}
@@ -71,6 +72,45 @@ CASES = [
     ("unknown-spec-field", {"replica": 2}, "spec.replica", "unknown field"),
     ("unknown-engine-field", {"engine": {"tensorParalelSize": 1}}, "spec.engine.tensorParalelSize",
      "unknown field"),
+    # Issue 13, item 6: what can only break is refused, naming the field.
+    ("env-sets-api-key-empty", {"env": [{"name": "API_KEY", "value": ""}]}, "spec.env[0]",
+     "spec.env sets API_KEY, which the operator sets"),
+    ("env-sets-model-name", {"env": [{"name": "X", "value": "1"}, {"name": "MODEL_NAME", "value": "y"}]},
+     "spec.env[1]", "spec.env sets MODEL_NAME"),
+    ("env-sets-port", {"env": [{"name": "PORT", "value": "1"}]}, "spec.env[0]", "spec.env sets PORT"),
+    ("env-sets-endpoint-id", {"env": [{"name": "ENDPOINT_ID", "value": "x"}]}, "spec.env[0]", "ENDPOINT_ID"),
+    ("env-sets-an-engine-field", {"env": [{"name": "MAX_MODEL_LEN", "value": "8"}]}, "spec.env[0]",
+     "set engine.maxModelLen instead"),
+    ("env-sets-hf-token-twice", {"hfTokenSecretRef": {"name": "h", "key": "k"},
+                                 "env": [{"name": "HF_TOKEN", "value": "x"}]}, "spec.env", "keep one"),
+    ("extra-args-served-name", {"engine": {"extraArgs": ["--seed", "1", "--served-model-name", "x"]}},
+     "spec.engine.extraArgs[2]", "--served-model-name, an option the runtime sets itself"),
+    ("extra-args-port-equals", {"engine": {"extraArgs": ["--port=9000"]}}, "spec.engine.extraArgs[0]",
+     "--port=9000"),
+    ("extra-args-underscores", {"engine": {"extraArgs": ["--api_key", "k"]}}, "spec.engine.extraArgs[0]",
+     "--api_key"),
+    ("extra-args-config", {"engine": {"extraArgs": ["--config", "f.yaml"]}}, "spec.engine.extraArgs[0]",
+     "--config"),
+    ("extra-args-host", {"engine": {"extraArgs": ["--host", "1.2.3.4"]}}, "spec.engine.extraArgs[0]", "--host"),
+    # Issue 13, item 7: no anonymous public endpoints by accident.
+    ("public-ingress-without-key", {"ingress": {"enabled": True}}, "spec.apiKeySecretRef",
+     "allowUnauthenticated: true"),
+    ("load-balancer-without-key", {"service": {"type": "LoadBalancer"}}, "spec.apiKeySecretRef",
+     "needs apiKeySecretRef"),
+    ("node-port-without-key", {"service": {"type": "NodePort"}}, "spec.apiKeySecretRef", "needs apiKeySecretRef"),
+    # Autoscaling (issue 12).
+    ("autoscaling-min-above-max", {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
+     "spec.autoscaling.minReplicas", "at most autoscaling.maxReplicas"),
+    ("autoscaling-max-zero", {"autoscaling": {"minReplicas": 0, "maxReplicas": 0}}, "spec.autoscaling.maxReplicas",
+     ""),
+    ("autoscaling-without-max", {"autoscaling": {"minReplicas": 0}}, "spec.autoscaling.maxReplicas", "Required"),
+    ("autoscaling-target-zero", {"autoscaling": {"maxReplicas": 2, "targetRequests": 0}},
+     "spec.autoscaling.targetRequests", ""),
+    ("autoscaling-negative-delay", {"autoscaling": {"maxReplicas": 2, "scaleDownDelaySeconds": -1}},
+     "spec.autoscaling.scaleDownDelaySeconds", ""),
+    ("balancing-strategy-enum", {"loadBalancing": {"strategy": "Random"}}, "spec.loadBalancing.strategy", ""),
+    ("prefix-hash-load-below-mean", {"loadBalancing": {"prefixHash": {"meanLoadPercentage": 90}}},
+     "spec.loadBalancing.prefixHash.meanLoadPercentage", ""),
 ]
 
 
@@ -107,8 +147,12 @@ def test_name_that_cannot_name_a_service_is_rejected(kubectl: Kubectl, mep_crds)
 
 def test_valid_objects_are_accepted_with_defaults(kubectl: Kubectl, mep_crds) -> None:
     proc = _create(kubectl, mep("ok", "default", model="org/m", gpus=4,
-                                engine={"tensorParallelSize": 4},
+                                engine={"tensorParallelSize": 4, "enablePrefixCaching": True,
+                                        "extraArgs": ["--seed", "1", "--max-num-batched-tokens=4096"]},
+                                env=[{"name": "ENABLE_CHUNKED_PREFILL", "value": "true"}],
                                 modelCache={"size": "100Gi", "storageClassName": "fast"},
+                                apiKeySecretRef={"name": "keys", "key": "api"},
+                                autoscaling={"minReplicas": 0, "maxReplicas": 3},
                                 ingress={"enabled": True, "host": "a.example.com",
                                          "tlsSecretName": "t"}))
     assert proc.returncode == 0, proc.stderr
@@ -117,6 +161,14 @@ def test_valid_objects_are_accepted_with_defaults(kubectl: Kubectl, mep_crds) ->
     assert spec["rawOpenAIOutput"] is True and spec["shmSize"] == "8Gi"
     assert spec["gpuResourceName"] == "nvidia.com/gpu"
     assert spec["service"] == {"type": "ClusterIP", "port": 80}
+    assert spec["autoscaling"] == {"minReplicas": 0, "maxReplicas": 3, "targetRequests": 8,
+                                   "scaleDownDelaySeconds": 300}
+    assert spec["loadBalancing"] == {"strategy": "LeastRequests", "prefixHash": {
+        "meanLoadPercentage": 125, "replication": 256, "prefixCharLength": 100}}
     # CPU-only endpoints are valid (gpus: 0).
     proc = _create(kubectl, mep("cpu", "default", model="org/m", gpus=0))
+    assert proc.returncode == 0, proc.stderr
+    # Published without a key, said explicitly.
+    proc = _create(kubectl, mep("open", "default", model="org/m", allowUnauthenticated=True,
+                                ingress={"enabled": True}, service={"type": "LoadBalancer"}))
     assert proc.returncode == 0, proc.stderr

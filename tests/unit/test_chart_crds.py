@@ -1,5 +1,6 @@
 """The chart ships THE SAME BYTES as crds/ (the ModelEndpoint CRD and kopf's peering
-CRDs), and the peering CRDs are exactly what kopf looks up."""
+CRDs) as templates that `helm upgrade` updates, with helm.sh/resource-policy: keep
+(crds.keep) and nothing else added; the peering CRDs are exactly what kopf looks up."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ SOURCE = REPO / "crds" / "modelendpoints.yaml"
 
 @pytest.mark.parametrize("name", ["modelendpoints.yaml", "kopf-peerings.yaml"])
 def test_chart_crd_is_the_repository_crd(name):
-    shipped, source = CHART / "crds" / name, REPO / "crds" / name
+    shipped, source = CHART / "files" / "crds" / name, REPO / "crds" / name
     # A relative symlink, so there is one copy to edit and nothing to sync.
     assert shipped.is_symlink()
     assert shipped.resolve() == source.resolve()
@@ -35,29 +36,50 @@ def test_packaged_chart_holds_the_same_crd_bytes(testbed_bin, tmp_path):
     [archive] = tmp_path.glob("modelendpoint-operator-*.tgz")
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-        member = tar.getmember("modelendpoint-operator/crds/modelendpoints.yaml")
+        member = tar.getmember("modelendpoint-operator/files/crds/modelendpoints.yaml")
         assert member.isfile()
         data = tar.extractfile(member).read()
-        assert "modelendpoint-operator/crds/kopf-peerings.yaml" in names
+        assert "modelendpoint-operator/files/crds/kopf-peerings.yaml" in names
+        # Not in crds/: Helm would install those once and never upgrade them.
+        assert not any(n.startswith("modelendpoint-operator/crds/") for n in names)
         assert "modelendpoint-operator/values.schema.json" in names
     assert data == SOURCE.read_bytes()
 
 
-def test_rendered_crds_are_the_repository_crd(testbed_bin):
+def _rendered_crds(testbed_bin, *values: str) -> dict[str, dict]:
+    args = [a for v in values for a in ("--set", v)]
     out = subprocess.run(
-        [str(testbed_bin / "helm"), "template", "r", str(CHART), "--include-crds"],
+        [str(testbed_bin / "helm"), "template", "r", str(CHART), *args],
         check=True, capture_output=True, text=True,
         env={"PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()},
     ).stdout
-    crds = {d["metadata"]["name"]: d for d in yaml.safe_load_all(out)
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(out)
             if d and d["kind"] == "CustomResourceDefinition"}
-    assert crds["modelendpoints.serving.modelendpoint.dev"] == yaml.safe_load(SOURCE.read_text())
+
+
+def _sources() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for name in ("modelendpoints.yaml", "kopf-peerings.yaml")
+            for d in yaml.safe_load_all((REPO / "crds" / name).read_text()) if d}
+
+
+def test_rendered_crds_are_the_repository_crds_plus_the_keep_policy(testbed_bin):
+    crds = _rendered_crds(testbed_bin)
     assert set(crds) == {"modelendpoints.serving.modelendpoint.dev",
                          "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    for name, source in _sources().items():
+        rendered = crds[name]
+        assert rendered["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert rendered == source, name
+
+
+def test_crds_keep_false_and_crds_enabled_false(testbed_bin):
+    crds = _rendered_crds(testbed_bin, "crds.keep=false")
+    assert crds == _sources()  # exactly the repository's objects
+    assert _rendered_crds(testbed_bin, "crds.enabled=false") == {}
 
 
 def test_peering_crds_match_what_kopf_looks_up():
-    docs = list(yaml.safe_load_all((CHART / "crds" / "kopf-peerings.yaml").read_text()))
+    docs = list(yaml.safe_load_all((CHART / "files" / "crds" / "kopf-peerings.yaml").read_text()))
     found = {(d["spec"]["group"], d["spec"]["versions"][0]["name"], d["spec"]["names"]["plural"],
               d["spec"]["scope"]) for d in docs}
     expected = set()

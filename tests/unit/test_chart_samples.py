@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 import embedded_model
-import localnode
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
@@ -111,5 +110,21 @@ def test_local_cpu_sample_serves_the_embedded_model_on_the_local_runner():
     spec = endpoint("smollm2-cpu-local.yaml")["spec"]
     assert spec["gpus"] == 0
     assert spec["model"] == embedded_model.HUB_ID
-    # `make dev` runs pods only on its local runner node, found by this label.
-    assert spec["nodeSelector"] == {localnode.NODE_LABEL[0]: localnode.NODE_LABEL[1]}
+    # No nodeSelector (issue 13, item 12): without GPUs it does not tolerate the GPU nodes'
+    # taint, so it lands on the local node, which runs it for real.
+    assert "nodeSelector" not in spec and "tolerations" not in spec
+    # Its Ingress is on loopback only, and says so to be published without a key.
+    assert spec["ingress"]["enabled"] and spec["allowUnauthenticated"] is True
+
+
+def test_published_samples_have_a_key() -> None:
+    """Issue 13, item 7: no sample publishes an anonymous endpoint but the loopback one."""
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        for obj in load(path.name):
+            if obj.get("kind") != "ModelEndpoint":
+                continue
+            spec = obj["spec"]
+            public = (spec.get("ingress") or {}).get("enabled") or (spec.get("service") or {}).get("type") in (
+                "LoadBalancer", "NodePort")
+            if public and path.name != "smollm2-cpu-local.yaml":
+                assert spec.get("apiKeySecretRef"), path.name
