@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from localcluster import free_ports
 from waiting import wait_for
 
@@ -90,12 +91,26 @@ def _helm_env(cp, tmp: Path) -> dict[str, str]:
     return env
 
 
+CRD_NAMES = ("modelendpoints.serving.modelendpoint.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
+
+
+def adopt_crds(cp, release: str, namespace: str) -> None:
+    """The chart README's adoption of a ModelEndpoint CRD installed without this release
+    (by another fixture of the shared cluster, or by chart 0.1.0's crds/ folder)."""
+    for crd in CRD_NAMES[:1]:
+        if cp.kubectl("get", "crd", crd, "-o", "name", check=False).strip():
+            cp.kubectl("annotate", "--overwrite", "crd", crd, f"meta.helm.sh/release-name={release}",
+                       f"meta.helm.sh/release-namespace={namespace}")
+            cp.kubectl("label", "--overwrite", "crd", crd, "app.kubernetes.io/managed-by=Helm")
+
+
 @pytest.fixture(scope="module")
 def release(control_plane, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chart")
     rel = Release(control_plane, _helm_env(control_plane, tmp), tmp)
     for ns in (SYSTEM_NS, WATCHED_NS, UNWATCHED_NS):
         control_plane.kubectl("create", "namespace", ns)
+    adopt_crds(control_plane, RELEASE, SYSTEM_NS)
     try:
         rel.helm("install", RELEASE, str(CHART), "--namespace", SYSTEM_NS,
                  "--values", rel.values_file(VALUES, "install"), "--wait", "--timeout", "180s")
@@ -119,12 +134,15 @@ def test_install_deploys_the_operator_and_its_rbac(release):
                         f"app.kubernetes.io/instance={RELEASE}")["items"]
     assert pod["status"]["phase"] == "Running"
     assert pod["spec"]["serviceAccountName"] == FULLNAME
-    # CRDs from crds/: ModelEndpoint (established) and kopf's peering.
-    for crd in ("modelendpoints.serving.modelendpoint.dev", "kopfpeerings.kopf.dev",
-                "clusterkopfpeerings.kopf.dev"):
+    # The CRDs: ModelEndpoint's a template of the release, kept on uninstall; kopf's
+    # peering CRDs from crds/.
+    for crd in CRD_NAMES:
         obj = release.get("crd", crd)
         assert {"type": "Established", "status": "True"}.items() <= {
             c["type"]: c for c in obj["status"]["conditions"]}["Established"].items()
+    annotations = release.get("crd", CRD_NAMES[0])["metadata"]["annotations"]
+    assert annotations["helm.sh/resource-policy"] == "keep"
+    assert annotations["meta.helm.sh/release-name"] == RELEASE
     # A Role where it watches, none where it doesn't.
     assert release.get("role", FULLNAME, "-n", WATCHED_NS)["rules"]
     assert release.cp.kubectl("get", "role", FULLNAME, "-n", UNWATCHED_NS, check=False) == ""
@@ -346,10 +364,20 @@ def test_operator_reconciles_with_only_the_service_account_token(release):
         assert owned_by(dep, owner)
         [container] = dep["spec"]["template"]["spec"]["containers"]
         assert container["image"] == RUNTIME_IMAGE  # this operator, with the chart's settings
-        api_key = {e["name"]: e for e in container["env"]}["API_KEY"]
-        assert api_key["valueFrom"]["secretKeyRef"] == {"name": "api-keys", "key": "api-key"}
-        assert owned_by(release.get("service", "served", "-n", WATCHED_NS), owner)
+        env = {e["name"]: e for e in container["env"]}
+        assert "API_KEY" not in env and env["API_KEY_FILE"]["value"] == "/etc/modelendpoint/api-key/keys"
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["api-key"]["secret"]["secretName"] == "api-keys"
+        service = release.get("service", "served", "-n", WATCHED_NS)
+        assert owned_by(service, owner)
         assert owned_by(release.get("ingress", "served", "-n", WATCHED_NS), owner)
+
+        # Issue 13, item 8: a deleted child is back at once under the chart's identity,
+        # with no permission error (the operator reads its index, it GETs nothing).
+        cp.kubectl("delete", "service", "served", "-n", WATCHED_NS)
+        wait_for(lambda: (svc := release.cp.kubectl("get", "service", "served", "-n", WATCHED_NS, "-o",
+                                                    "jsonpath={.metadata.uid}", check=False))
+                 and svc != service["metadata"]["uid"], timeout=5, what="the deleted Service to be re-created")
 
         # The cache PVC the operator creates (it stays unbound: no provisioner here).
         cached_owner = wait_for(
@@ -443,13 +471,44 @@ def test_helm_upgrade_with_changed_values_rolls_the_operator(release):
     assert history[-1]["status"] == "deployed" and len(history) == 3
 
 
+def test_helm_upgrade_updates_the_crds(release):
+    """Issue 10: a chart version whose CRD changed reaches an existing install with
+    `helm upgrade` (CRDs in a crds/ folder would stay stale)."""
+    import shutil
+
+    changed_chart = release.tmp / "chart-with-a-new-crd"
+    shutil.copytree(CHART, changed_chart, symlinks=False)  # the CRD bytes copied, not linked
+    crd_file = changed_chart / "files" / "crds" / "modelendpoints.yaml"
+    crd = yaml.safe_load(crd_file.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec["properties"]["addedByAnUpgrade"] = {"type": "string", "description": "a field of the next version"}
+    crd_file.write_text(yaml.safe_dump(crd))
+    name = CRD_NAMES[0]
+    try:
+        release.helm("upgrade", RELEASE, str(changed_chart), "--namespace", SYSTEM_NS, "--reuse-values")
+        live = release.get("crd", name)
+        props = live["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        assert props["addedByAnUpgrade"]["description"] == "a field of the next version"
+        # The API server takes the new field at once.
+        obj = endpoint("upgraded", WATCHED_NS)
+        obj["spec"]["addedByAnUpgrade"] = "kept"
+        proc = release.cp.kubectl("create", "--validate=strict", "--dry-run=server", "-o", "json", "-f", "-",
+                                  input=json.dumps(obj))
+        assert json.loads(proc)["spec"]["addedByAnUpgrade"] == "kept"
+    finally:
+        release.helm("upgrade", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--reuse-values")
+    props = release.get("crd", name)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"]["properties"]
+    assert "addedByAnUpgrade" not in props  # and back
+
+
 # --- uninstall ----------------------------------------------------------------------
 
 
 def test_helm_uninstall_leaves_only_the_crds(release):
     cp = release.cp
-    # A ModelEndpoint that must survive: Helm never deletes crds/, so neither the CRD
-    # nor the objects in it go with the release.
+    # A ModelEndpoint that must survive: the CRDs carry helm.sh/resource-policy: keep, so
+    # neither they nor the objects in them go with the release.
     cp.kubectl("apply", "-f", "-", input=json.dumps(endpoint("survivor", WATCHED_NS)))
     release.helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout", "120s")
     selector = f"app.kubernetes.io/instance={RELEASE}"
@@ -496,6 +555,8 @@ def cluster_release(control_plane, tmp_path_factory):
     for ns in (ALL_SYSTEM_NS, ALL_TEAM_NS):
         control_plane.kubectl("create", "namespace", ns)
     values = {"image": VALUES["image"], "replicas": 0}  # JSON logs: the default
+    # The CRD the first release kept: adopted by this one, as the chart README says.
+    adopt_crds(control_plane, ALL_RELEASE, ALL_SYSTEM_NS)
     try:
         rel.helm("install", ALL_RELEASE, str(CHART), "--namespace", ALL_SYSTEM_NS,
                  "--values", rel.values_file(values, "install"), "--wait", "--timeout", "120s")
@@ -538,11 +599,12 @@ def test_default_install_operator_reconciles_in_any_namespace_with_its_token(clu
         owner = wait_ready(rel, "wide", ALL_TEAM_NS, op)
         assert owned_by(rel.get("deployment", "wide", "-n", ALL_TEAM_NS), owner)
         assert owned_by(rel.get("service", "wide", "-n", ALL_TEAM_NS), owner)
-        # This very process reconciled it (its JSON log names the object of each handler)
+        # This very process reconciled it (its JSON log says what it applied for whom)
         # and keeps alive in the release's ClusterKopfPeering.
-        handled = [rec for rec in map(json.loads, op.log_text().splitlines())
-                   if rec.get("message") == "Handler 'on_create' succeeded."]
-        assert [rec["object"]["uid"] for rec in handled] == [owner["metadata"]["uid"]], handled
+        applied = [rec["message"] for rec in map(json.loads, op.log_text().splitlines())
+                   if str(rec.get("message", "")).startswith("applied ")]
+        assert applied and all(m.endswith(f"of ModelEndpoint {ALL_TEAM_NS}/wide)") for m in applied), applied
+        assert {m.split()[1] for m in applied} == {"Service", "Deployment"}
         peering = rel.get("clusterkopfpeering", ALL_FULLNAME)
         assert "chart-clusterwide-test" in (peering.get("status") or {})
         assert op.healthy()

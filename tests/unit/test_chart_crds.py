@@ -18,9 +18,9 @@ CHART = REPO / "charts" / "modelendpoint-operator"
 SOURCE = REPO / "crds" / "modelendpoints.yaml"
 
 
-@pytest.mark.parametrize("name", ["modelendpoints.yaml", "kopf-peerings.yaml"])
-def test_chart_crd_is_the_repository_crd(name):
-    shipped, source = CHART / "files" / "crds" / name, REPO / "crds" / name
+@pytest.mark.parametrize("name,folder", [("modelendpoints.yaml", "files/crds"), ("kopf-peerings.yaml", "crds")])
+def test_chart_crd_is_the_repository_crd(name, folder):
+    shipped, source = CHART / folder / name, REPO / "crds" / name
     # A relative symlink, so there is one copy to edit and nothing to sync.
     assert shipped.is_symlink()
     assert shipped.resolve() == source.resolve()
@@ -39,15 +39,16 @@ def test_packaged_chart_holds_the_same_crd_bytes(testbed_bin, tmp_path):
         member = tar.getmember("modelendpoint-operator/files/crds/modelendpoints.yaml")
         assert member.isfile()
         data = tar.extractfile(member).read()
-        assert "modelendpoint-operator/files/crds/kopf-peerings.yaml" in names
-        # Not in crds/: Helm would install those once and never upgrade them.
-        assert not any(n.startswith("modelendpoint-operator/crds/") for n in names)
+        # Not in crds/, which Helm installs once and never upgrades; kopf's (unchanging)
+        # peering CRDs are, since the chart creates objects of their kinds.
+        assert [n for n in names if n.startswith("modelendpoint-operator/crds/")] == [
+            "modelendpoint-operator/crds/kopf-peerings.yaml"]
         assert "modelendpoint-operator/values.schema.json" in names
     assert data == SOURCE.read_bytes()
 
 
-def _rendered_crds(testbed_bin, *values: str) -> dict[str, dict]:
-    args = [a for v in values for a in ("--set", v)]
+def _rendered_crds(testbed_bin, *values: str, include_crds_folder: bool = False) -> dict[str, dict]:
+    args = [a for v in values for a in ("--set", v)] + (["--include-crds"] if include_crds_folder else [])
     out = subprocess.run(
         [str(testbed_bin / "helm"), "template", "r", str(CHART), *args],
         check=True, capture_output=True, text=True,
@@ -62,24 +63,25 @@ def _sources() -> dict[str, dict]:
             for d in yaml.safe_load_all((REPO / "crds" / name).read_text()) if d}
 
 
-def test_rendered_crds_are_the_repository_crds_plus_the_keep_policy(testbed_bin):
+def test_rendered_crd_is_the_repository_crd_plus_the_keep_policy(testbed_bin):
     crds = _rendered_crds(testbed_bin)
-    assert set(crds) == {"modelendpoints.serving.modelendpoint.dev",
-                         "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
-    for name, source in _sources().items():
-        rendered = crds[name]
-        assert rendered["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
-        assert rendered == source, name
+    assert set(crds) == {"modelendpoints.serving.modelendpoint.dev"}
+    rendered = crds["modelendpoints.serving.modelendpoint.dev"]
+    assert rendered["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    assert rendered == yaml.safe_load(SOURCE.read_text())
+    # With crds/ too (what `helm install` applies first): kopf's peering CRDs, unchanged.
+    everything = _rendered_crds(testbed_bin, "crds.keep=false", include_crds_folder=True)
+    assert everything == _sources()
 
 
 def test_crds_keep_false_and_crds_enabled_false(testbed_bin):
     crds = _rendered_crds(testbed_bin, "crds.keep=false")
-    assert crds == _sources()  # exactly the repository's objects
+    assert crds == {"modelendpoints.serving.modelendpoint.dev": yaml.safe_load(SOURCE.read_text())}
     assert _rendered_crds(testbed_bin, "crds.enabled=false") == {}
 
 
 def test_peering_crds_match_what_kopf_looks_up():
-    docs = list(yaml.safe_load_all((CHART / "files" / "crds" / "kopf-peerings.yaml").read_text()))
+    docs = list(yaml.safe_load_all((CHART / "crds" / "kopf-peerings.yaml").read_text()))
     found = {(d["spec"]["group"], d["spec"]["versions"][0]["name"], d["spec"]["names"]["plural"],
               d["spec"]["scope"]) for d in docs}
     expected = set()

@@ -118,7 +118,7 @@ def test_helm_lint_passes_strictly(testbed_bin, tmp_path):
 
 
 def test_defaults_watch_all_namespaces_with_a_cluster_role(defaults):
-    assert len(by_kind(defaults, "CustomResourceDefinition")) == 3  # tests/unit/test_chart_crds.py
+    assert len(by_kind(defaults, "CustomResourceDefinition")) == 1  # tests/unit/test_chart_crds.py
     kinds = sorted(o["kind"] for o in defaults if o["kind"] != "CustomResourceDefinition")
     assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service",
                             "Deployment", "ClusterKopfPeering"])
