@@ -7,8 +7,10 @@ it at the end of the session (SIGTERM, then kill). ``openai_client`` is the
 official ``openai`` SDK pointed at it the way the guide says:
 ``http://127.0.0.1:<port>/v2/<ENDPOINT_ID>/openai/v1``.
 
-The server runs with deliberately small limits (body size, caps, admission)
-so the error tests are cheap; see ``RUNTIME_TEST_ENV``.
+The server runs with deliberately small limits (body size, caps, admission,
+timeouts) so the error tests are cheap; see ``RUNTIME_TEST_ENV``. Its keys
+come from a key file (``API_KEY_FILE``, as the operator sets it), re-read
+every second, and it serves ``/metrics`` without a key on ``METRICS_PORT``.
 
 Tests marked ``runtime_drain`` SIGTERM the shared server; they are moved to
 the end of the session so every other test has used the server first. Tests
@@ -31,7 +33,8 @@ from typing import Any
 
 import httpx
 import pytest
-from localcluster import free_port
+
+from localcluster import free_port, free_ports  # noqa: F401 - free_port: re-exported for the tests
 
 ENDPOINT_ID = "ep-test-1"
 # Two keys: rotation. Tests use the new one; the old one must still work.
@@ -39,22 +42,29 @@ API_KEYS = ("sk-test-old-0123456789", "sk-test-new-9876543210")
 SERVED_NAME = "smollm2-135m-instruct"
 READY_TIMEOUT_S = 300.0
 
-# The shared server's configuration (besides MODEL_NAME/PORT): small limits
-# make the 413/400/503 cases cheap to provoke.
+# The shared server's configuration (besides MODEL_NAME, PORT, METRICS_PORT and
+# API_KEY_FILE, set by start_runtime): small limits make the 413/400/503/408
+# cases cheap to provoke.
 RUNTIME_TEST_ENV = {
     "ENDPOINT_ID": ENDPOINT_ID,
-    "API_KEY": ",".join(API_KEYS),
     "OPENAI_SERVED_MODEL_NAME_OVERRIDE": SERVED_NAME,
+    # vLLM options by the worker rule (no table in the runtime behind them);
+    # test_runtime_hardening.py checks that the last two reached the engine.
     "MAX_MODEL_LEN": "2048",
     "MAX_NUM_SEQS": "8",
     "ENFORCE_EAGER": "0",
     "DTYPE": "float32",
+    "ENABLE_PREFIX_CACHING": "false",
+    "MAX_NUM_BATCHED_TOKENS": "3072",
     "LIMIT_N": "4",
     "LIMIT_BEST_OF": "4",
     "LIMIT_MAX_TOKENS": "1024",
     "LIMIT_LOGPROBS": "5",
     "MAX_REQUEST_BODY_BYTES": str(256 * 1024),
     "MAX_CONCURRENT_REQUESTS": "3",
+    "READ_TIMEOUT_SECONDS": "5",
+    "WRITE_TIMEOUT_SECONDS": "5",
+    "API_KEY_FILE_POLL_SECONDS": "1",
     "RETRY_AFTER_SECONDS": "2",
     "DRAIN_TIMEOUT_SECONDS": "300",  # room for the drain test's long stream on a slow machine
     "LOG_LEVEL": "info",
@@ -74,6 +84,8 @@ class RuntimeServer:
     process: subprocess.Popen
     port: int
     log_path: Path
+    metrics_port: int | None = None
+    key_file: Path | None = None
     model: str = SERVED_NAME
     endpoint_id: str = ENDPOINT_ID
     api_key: str = API_KEYS[1]
@@ -107,9 +119,20 @@ class RuntimeServer:
         return self.process.poll() is None
 
     def metrics_text(self) -> str:
-        r = httpx.get(f"{self.root_url}/metrics", headers=self.headers, timeout=10)
+        """One scrape, from METRICS_PORT (no key) when the server has one."""
+        if self.metrics_port is not None:
+            r = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
+        else:
+            r = httpx.get(f"{self.root_url}/metrics", headers=self.headers, timeout=10)
         r.raise_for_status()
         return r.text
+
+    def write_keys(self, content: str) -> None:
+        """Replace the key file's content the way the kubelet updates a Secret volume (atomically)."""
+        assert self.key_file is not None
+        new = self.key_file.with_name(self.key_file.name + ".new")
+        new.write_text(content)
+        new.replace(self.key_file)
 
     def stop(self, timeout: float = 90) -> int | None:
         """SIGTERM (drain), then kill if it does not exit in time; the exit code."""
@@ -125,13 +148,27 @@ class RuntimeServer:
         return self.process.returncode
 
 
-def start_runtime(model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> RuntimeServer:
-    """Start a runtime process and wait until /ready answers 200."""
-    port = free_port()
+def start_runtime(
+    model_dir: Path, log_path: Path, extra_env: dict[str, str | None] | None = None
+) -> RuntimeServer:
+    """Start a runtime process and wait until /ready answers 200.
+
+    Keys come from a key file beside the log (both of API_KEYS); an
+    ``extra_env`` value of None removes that variable (``API_KEY_FILE: None``:
+    no auth).
+    """
+    port, metrics_port = free_ports(2)
+    key_file = log_path.with_name("api-keys")
+    key_file.write_text(",".join(API_KEYS) + "\n")
     env = dict(os.environ)
     env.update(RUNTIME_TEST_ENV)
-    env.update({"MODEL_NAME": str(model_dir), "HOST": "127.0.0.1", "PORT": str(port)})
-    env.update(extra_env or {})
+    env.update({"MODEL_NAME": str(model_dir), "HOST": "127.0.0.1", "PORT": str(port),
+                "METRICS_PORT": str(metrics_port), "API_KEY_FILE": str(key_file)})  # fmt: skip
+    for name, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
         [sys.executable, "-m", "modelendpoint_runtime"],
@@ -140,7 +177,9 @@ def start_runtime(model_dir: Path, log_path: Path, extra_env: dict[str, str] | N
         stderr=subprocess.STDOUT,
         start_new_session=True,  # our SIGTERM reaches only the server, not pytest
     )
-    server = RuntimeServer(process=process, port=port, log_path=log_path, env=env, log_file=log_file)
+    server = RuntimeServer(process=process, port=port, log_path=log_path, env=env, log_file=log_file,
+                           metrics_port=int(env["METRICS_PORT"]) if env.get("METRICS_PORT") else None,
+                           key_file=key_file if env.get("API_KEY_FILE") else None)  # fmt: skip
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

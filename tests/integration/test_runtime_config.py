@@ -1,7 +1,7 @@
 """Configurations other than the shared server's, without ever running two engines.
 
 * The served name defaulting to MODEL_NAME, a non-default OPENAI_RESPONSE_ROLE,
-  RAW_OPENAI_OUTPUT=0 (NDJSON by default), no API_KEY (no auth) and no
+  RAW_OPENAI_OUTPUT=0 (NDJSON by default), no API_KEY/API_KEY_FILE (no auth) and no
   ENDPOINT_ID (any id): a second server, started only after the shared one
   has exited (``runtime_after_drain``).
 * A setting vLLM itself rejects (MAX_MODEL_LEN beyond the model's) stops the
@@ -38,7 +38,7 @@ def test_served_name_default_role_ndjson_and_no_auth(runtime_server, embedded_mo
         embedded_model_dir,
         tmp_path / "runtime-2.log",
         {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "", "OPENAI_RESPONSE_ROLE": "narrator", "RAW_OPENAI_OUTPUT": "0",
-         "API_KEY": "", "ENDPOINT_ID": ""},  # fmt: skip
+         "API_KEY_FILE": None, "ENDPOINT_ID": ""},  # fmt: skip
     )
     try:
         name = str(embedded_model_dir)

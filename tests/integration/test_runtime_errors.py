@@ -139,7 +139,8 @@ def test_unknown_path_and_method(runtime_server):
     ],
 )
 def test_schema_violation_is_400_naming_the_field(http, runtime_server, path, patch, param):
-    body = chat_body(runtime_server) if path == "/chat/completions" else {"model": runtime_server.model, "prompt": "x", "max_tokens": 1}
+    text_body = {"model": runtime_server.model, "prompt": "x", "max_tokens": 1}
+    body = chat_body(runtime_server) if path == "/chat/completions" else text_body
     body.update(patch)
     assert_openai_error(http.post(path, json=body), 400, param=param)
 
@@ -156,7 +157,8 @@ def test_missing_model_is_400(http, openai_client):
 
 
 def test_missing_required_field_is_400(http, runtime_server):
-    err = assert_openai_error(http.post("/chat/completions", json={"model": runtime_server.model}), 400, param="messages")
+    r = http.post("/chat/completions", json={"model": runtime_server.model})
+    err = assert_openai_error(r, 400, param="messages")
     assert "messages" in err["message"]
     assert_openai_error(http.post("/completions", json={"model": runtime_server.model}), 400)
 
@@ -192,7 +194,8 @@ def test_sdk_bad_request_error(openai_client, runtime_server):
     ],
 )
 def test_caps_are_400(http, runtime_server, path, patch, param):
-    body = chat_body(runtime_server) if path == "/chat/completions" else {"model": runtime_server.model, "prompt": "x", "max_tokens": 1}
+    text_body = {"model": runtime_server.model, "prompt": "x", "max_tokens": 1}
+    body = chat_body(runtime_server) if path == "/chat/completions" else text_body
     body.update(patch)
     assert_openai_error(http.post(path, json=body), 400, param=param)
 

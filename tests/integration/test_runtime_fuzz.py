@@ -101,7 +101,8 @@ def typed_bodies(kind: str, model: str):
         ).map(lambda ms: [*ms, {"role": "user", "content": "hi"}])  # fmt: skip
         optional = CHAT_TYPED
     else:
-        required["prompt"] = st.text(min_size=1, max_size=40) | st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=2)
+        texts = st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=2)
+        required["prompt"] = st.text(min_size=1, max_size=40) | texts
         optional = COMPLETION_TYPED
     return st.fixed_dictionaries(required, optional=optional)
 

@@ -70,7 +70,8 @@ def test_overload_is_immediate_503_with_retry_after_and_disconnect_aborts(runtim
         # Refused, not queued: the answer comes while all three streams of 1000
         # tokens still run (checked below), and the engine never saw the request.
         r = httpx.post(runtime_server.base_url + "/chat/completions", headers=runtime_server.headers, timeout=60,
-                       json={"model": runtime_server.model, "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+                       json={"model": runtime_server.model,
+                             "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
         assert metric(runtime_server, "vllm:num_requests_waiting") == 0
         assert r.status_code == 503 and r.headers["Retry-After"] == "2"
         assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "server_error"
@@ -85,7 +86,8 @@ def test_overload_is_immediate_503_with_retry_after_and_disconnect_aborts(runtim
         for _, lines in streams:
             assert next_data(lines).startswith("data: {")
     # ...and closing them (client disconnect) aborts their engine requests.
-    wait_for(lambda: engine_idle(runtime_server), timeout=10, interval=0.1, what="the engine to drop the aborted requests")
+    wait_for(lambda: engine_idle(runtime_server), timeout=10, interval=0.1,
+             what="the engine to drop the aborted requests")  # fmt: skip
     # Proof they were cut short, not run to their end: far fewer than the
     # 3 x 1000 tokens they asked for were generated.
     assert metric(runtime_server, "vllm:generation_tokens_total") - generated_before < 1500
@@ -96,7 +98,8 @@ def test_non_streaming_disconnect_aborts_the_engine_request(runtime_server):
     generated_before = metric(runtime_server, "vllm:generation_tokens_total")
     body = {"model": runtime_server.model, "prompt": "Tell a long story", **LONG}
     _post_and_drop(runtime_server, body)
-    wait_for(lambda: engine_idle(runtime_server), timeout=10, interval=0.1, what="the engine to drop the abandoned request")
+    wait_for(lambda: engine_idle(runtime_server), timeout=10, interval=0.1,
+             what="the engine to drop the abandoned request")  # fmt: skip
     assert metric(runtime_server, "vllm:generation_tokens_total") - generated_before < 500  # not 1000
 
 
@@ -110,7 +113,8 @@ def _post_and_drop(server, body: dict) -> None:
         f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: {auth}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
     )
-    wait_for(lambda: metric(server, "vllm:num_requests_running") == 1, timeout=20, interval=0.1, what="the engine to start the request")
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 1, timeout=20, interval=0.1,
+             what="the engine to start the request")  # fmt: skip
     sock.close()
 
 
@@ -137,8 +141,10 @@ def test_metrics_expose_runtime_and_engine_series(runtime_server, openai_client)
     watched = {
         "requests": key("modelendpoint_requests_total", ok),
         "duration": key("modelendpoint_request_duration_seconds_count", at_route),
-        "ttft_stream": key("modelendpoint_time_to_first_token_seconds_count", frozenset({"route": route, "stream": "true"}.items())),
-        "ttft_plain": key("modelendpoint_time_to_first_token_seconds_count", frozenset({"route": route, "stream": "false"}.items())),
+        "ttft_stream": key("modelendpoint_time_to_first_token_seconds_count",
+                           frozenset({"route": route, "stream": "true"}.items())),
+        "ttft_plain": key("modelendpoint_time_to_first_token_seconds_count",
+                          frozenset({"route": route, "stream": "false"}.items())),
         "prompt": key("modelendpoint_prompt_tokens_total", at_route),
         "completion": key("modelendpoint_completion_tokens_total", at_route),
     }  # fmt: skip

@@ -26,7 +26,8 @@ def c(openai_client, runtime_server):
 
     def complete(prompt=PROMPT, **kw):
         extra = {k: kw.pop(k) for k in list(kw) if k in EXTRAS}
-        return openai_client.completions.create(model=runtime_server.model, prompt=prompt, extra_body=extra or None, **kw)
+        model = runtime_server.model
+        return openai_client.completions.create(model=model, prompt=prompt, extra_body=extra or None, **kw)
 
     return complete
 
@@ -210,7 +211,7 @@ def test_best_of_returns_the_sample_with_the_highest_cumulative_logprob(c, chat)
     prompts = ["Once upon a time", "The capital of France"]
     batch = c(prompt=prompts, best_of=2, echo=True, max_tokens=4, temperature=1.0, seed=5)
     assert [ch.index for ch in batch.choices] == [0, 1]
-    assert [ch.text.startswith(p) for ch, p in zip(batch.choices, prompts)] == [True, True]
+    assert [ch.text.startswith(p) for ch, p in zip(batch.choices, prompts, strict=True)] == [True, True]
 
 
 def test_omitted_temperature_defaults_to_the_guides_0_7(c, runtime_server):

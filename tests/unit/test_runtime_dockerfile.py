@@ -63,6 +63,7 @@ def test_non_root_port_entrypoint_healthcheck():
     users = [i for i in ins if i.startswith("USER ")]
     assert users and not users[-1].split()[1].startswith(("root", "0"))
     assert "EXPOSE 8000" in ins
+    assert "EXPOSE 9400" in ins  # METRICS_PORT as the operator sets it
     assert ins[-1] == 'ENTRYPOINT ["modelendpoint-runtime"]'
     (health,) = [i for i in ins if i.startswith("HEALTHCHECK ")]
     assert "/health" in health and "CMD " in health
