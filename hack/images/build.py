@@ -59,6 +59,10 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 ROOTFS_PACKAGES = ("python3", "python3-pip", "python3-venv", "python-is-python3", "ca-certificates",
                    "passwd", "netbase", "tzdata")
 PAUSE_SOURCE = "build/pause/linux/pause.c"
+# What vLLM's CPU build needs from the system, as vLLM's own CPU image carries it:
+# libnuma (vllm._C links it) and a C++ compiler with Python's headers (on the CPU,
+# vLLM compiles its model with torch.compile's inductor, which builds C++ kernels).
+VLLM_CPU_SYSTEM_PACKAGES = ("libnuma1", "g++", "python3-dev")
 
 
 def cache_dir() -> Path:
@@ -160,6 +164,7 @@ def rootfs_key() -> str:
 def vllm_base_key(v: dict[str, str], python_key: str) -> str:
     return config.content_key(
         "vllm-base", RECIPE_VERSION, python_key, v["VLLM_VERSION"], v["TORCH_VERSION"], v["UV_VERSION"],
+        *VLLM_CPU_SYSTEM_PACKAGES,
         (REPO / "requirements" / "overrides.txt").read_bytes(), (REPO / "requirements" / "dev.txt").read_bytes())
 
 
@@ -294,6 +299,9 @@ def ensure_vllm_base(b: Buildah, ref: str, python_ref: str, python_key: str, v: 
             shutil.copy(REPO / "requirements" / f, reqs)
         run = ["run", "--network", "host", "-v", f"{uv_cache}:/uv-cache",
                "--env", "UV_CACHE_DIR=/uv-cache", "--env", "UV_LINK_MODE=copy", ctr, "--"]
+        b(*run, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
+          f" --no-install-recommends {' '.join(VLLM_CPU_SYSTEM_PACKAGES)} >/dev/null"
+          " && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb", quiet=False)
         b(*run, "python3", "-m", "pip", "install", "--no-cache-dir", "-q", f"uv=={v['UV_VERSION']}", quiet=False)
         # The versions the tests resolve (dev.txt as constraints): the same wheels, from uv's cache.
         b(*run, "uv", "pip", "install", "--system", "--override", "/tmp/mep-requirements/overrides.txt",

@@ -18,11 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import localcluster
 import pytest
+
+import localcluster
 from images import build as images
 from node import config, run
-
 from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -57,7 +57,8 @@ def test_node_joins_with_this_machines_cpus_and_memory(node_cluster):
     n = json.loads(cp.kubectl("get", "node", config.NODE_NAME, "-o", "json"))
     assert n["metadata"]["labels"][config.NODE_LABEL[0]] == config.NODE_LABEL[1]
     assert n["status"]["capacity"]["cpu"] == str(os.cpu_count())
-    mem_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
     assert n["status"]["capacity"]["memory"] == f"{mem_kib}Ki"
     assert n["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://2.")
     assert n["status"]["nodeInfo"]["kubeletVersion"] == "v1.37.2"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import localcluster
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+import localcluster
 
 
 def test_kwok_gpu_nodes_are_tainted_as_real_gpu_node_pools():
