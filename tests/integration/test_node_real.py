@@ -188,3 +188,31 @@ def test_pod_runs_serves_through_its_service_and_stops_with_its_prestop_hook(nod
     sandboxes = json.loads(node.crictl("pods", "--name", name, "-o", "json"))["items"]
     assert all(s["state"] == "SANDBOX_NOTREADY" for s in sandboxes)
     assert node.crictl("ps", "-q", "--name", "web").strip() == ""
+
+
+def test_cpu_pods_land_on_the_real_node_and_gpu_pods_on_the_tainted_kwok_nodes(node_cluster):
+    """Issue 13 item 12: a pod without a nodeSelector never lands on a kwok node that
+    only pretends to run it; a GPU pod tolerates the GPU taint without saying so."""
+    cp, _, _, _ = node_cluster
+
+    def deployment(name: str, limits: dict) -> dict:
+        labels = {"app": name}
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "default"},
+                "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "main", "image": config.SANDBOX_IMAGE,
+                                             "imagePullPolicy": "IfNotPresent",
+                                             "resources": {"limits": limits} if limits else {}}]}}}}
+
+    _apply(cp, deployment("cpu-only", {}))
+    _apply(cp, deployment("gpu-two", {"nvidia.com/gpu": "2"}))
+    for name in ("cpu-only", "gpu-two"):
+        cp.kubectl("wait", f"deployment/{name}", "--for=condition=Available", "--timeout=120s")
+    [cpu] = _pods(cp, "app=cpu-only")
+    [gpu] = _pods(cp, "app=gpu-two")
+    assert cpu["spec"]["nodeName"] == config.NODE_NAME
+    assert gpu["spec"]["nodeName"] in {n for n, _ in localcluster.GPU_NODES}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["spec"]["tolerations"]
+    assert not any(t.get("key") == "nvidia.com/gpu" for t in cpu["spec"].get("tolerations") or [])
+    for name in ("cpu-only", "gpu-two"):
+        cp.kubectl("delete", "deployment", name, "--wait=false")

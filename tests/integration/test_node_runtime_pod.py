@@ -68,10 +68,11 @@ def runtime_pod(testbed_bin: Path, embedded_model_dir: Path, tmp_path_factory: p
         settings = OperatorSettings()
         deployment = manifests.deployment(ep, settings)
         service = manifests.service(ep, settings)
+        applied = time.monotonic()
         for obj in (service, deployment):
             obj["metadata"].pop("ownerReferences", None)  # no ModelEndpoint object here
             cp.kubectl("apply", "-f", "-", input=json.dumps(obj))
-        yield cp, node, deployment
+        yield cp, node, deployment, applied
     finally:
         if node:
             node.stop()
@@ -96,7 +97,7 @@ def _post(url: str, body: dict, timeout: float = 120) -> bytes:
 
 
 def test_operator_pod_spec_serves_the_embedded_model_and_drains_on_delete(runtime_pod):
-    cp, node, deployment = runtime_pod
+    cp, node, deployment, applied = runtime_pod
 
     def ready():
         pod = _pod(cp)
@@ -106,6 +107,7 @@ def test_operator_pod_spec_serves_the_embedded_model_and_drains_on_delete(runtim
 
     # Cold, the CPU engine compiles its kernels for minutes on 2 busy cores (320 s seen).
     wait_for(ready, timeout=1200, interval=5, what="the runtime pod to be Ready")
+    print(f"runtime pod Ready {time.monotonic() - applied:.0f}s after the Deployment was applied")
     pod = _pod(cp)
     assert pod["spec"]["nodeName"] == config.NODE_NAME
     name = pod["metadata"]["name"]
