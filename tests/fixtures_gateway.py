@@ -555,3 +555,143 @@ def gateway(fake_cluster: FakeCluster) -> Iterator[GatewayThread]:
 
 def now_s() -> float:
     return time.monotonic()
+
+
+# --- on the real control plane ----------------------------------------------------------------------
+
+GATEWAY_NODE = "gateway-test-node"
+GATEWAY_NODE_TAINT = {"key": "serving.modelendpoint.dev/gateway-test", "value": "true", "effect": "NoSchedule"}
+# The gateway's least-privilege rules (docs/gateway.md; the chart renders the same).
+GATEWAY_RULES = [
+    {"apiGroups": ["serving.modelendpoint.dev"], "resources": ["modelendpoints"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+]
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.fixture(scope="session")
+def gateway_node(control_plane, kubectl) -> Iterator[str]:
+    """A Node that nothing runs on, kept alive by a heartbeat (its Lease and Ready condition).
+
+    Runtime pods the tests create are bound to it (``spec.nodeName``) and
+    their status is set by the tests, standing in for a kubelet: phase
+    Running, pod IP 127.0.0.1, the Ready condition. The node exists so the pod
+    garbage collector keeps those pods, and beats so the node controller never
+    marks them unready; its taint keeps the scheduler's pods off it.
+    """
+    kubectl.apply({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": GATEWAY_NODE, "labels": {"kubernetes.io/hostname": GATEWAY_NODE}},
+                   "spec": {"taints": [GATEWAY_NODE_TAINT]}})
+    stop = threading.Event()
+
+    def beat() -> None:
+        now = _utc_now()
+        kubectl("patch", "node", GATEWAY_NODE, "--subresource=status", "--type=merge", "-p", json.dumps({
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "GatewayTestNode",
+                                       "message": "heartbeat of the gateway tests", "lastHeartbeatTime": now,
+                                       "lastTransitionTime": now}],
+                       "capacity": {"cpu": "0", "memory": "0", "pods": "110"},
+                       "allocatable": {"cpu": "0", "memory": "0", "pods": "110"}}}))
+        kubectl.apply({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": GATEWAY_NODE, "namespace": "kube-node-lease"},
+                       "spec": {"holderIdentity": GATEWAY_NODE, "leaseDurationSeconds": 40, "renewTime": now}})
+
+    beat()
+
+    def loop() -> None:
+        while not stop.wait(10):
+            with contextlib.suppress(Exception):
+                beat()
+
+    t = threading.Thread(target=loop, daemon=True, name="gateway-node-heartbeat")
+    t.start()
+    try:
+        yield GATEWAY_NODE
+    finally:
+        stop.set()
+        t.join(15)
+        kubectl("delete", "node", GATEWAY_NODE, "--wait=false", check=False)
+
+
+def runtime_pod(kubectl, namespace: str, name: str, endpoint: str, port: int, ready: bool = True) -> None:
+    """A runtime pod of ModelEndpoint ``endpoint`` on the test node, answering on 127.0.0.1:``port``."""
+    labels = {**MANAGED, "serving.modelendpoint.dev/endpoint": endpoint, "app.kubernetes.io/instance": endpoint,
+              "app.kubernetes.io/name": "modelendpoint-runtime", "app.kubernetes.io/component": "model-server"}
+    kubectl.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace,
+                                                                   "labels": labels},
+                   "spec": {"nodeName": GATEWAY_NODE, "tolerations": [{**GATEWAY_NODE_TAINT, "operator": "Equal"}],
+                            "containers": [{"name": "runtime", "image": "registry.test/modelendpoint-runtime:test",
+                                            "ports": [{"name": "http", "containerPort": port},
+                                                      {"name": "metrics", "containerPort": 9400}]}]}})
+    set_pod_ready(kubectl, namespace, name, ready)
+
+
+def set_pod_ready(kubectl, namespace: str, name: str, ready: bool) -> None:
+    now = _utc_now()[:19] + "Z"
+    status = "True" if ready else "False"
+    kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps({
+        "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "hostIP": "127.0.0.1",
+                   "conditions": [{"type": "Ready", "status": status, "lastTransitionTime": now},
+                                  {"type": "ContainersReady", "status": status, "lastTransitionTime": now}]}}))
+
+
+def sa_kubeconfig(control_plane, namespace: str, sa_name: str, path: Path) -> Path:
+    """A kubeconfig holding only the ServiceAccount's token (TokenRequest API)."""
+    token = control_plane.kubectl("create", "token", sa_name, "-n", namespace, "--duration=7200s").strip()
+    admin = json.loads(control_plane.kubeconfig.read_text())
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "testbed", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": sa_name, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": sa_name}}],
+        "current-context": "sa"}))
+    path.chmod(0o600)
+    return path
+
+
+def gateway_identity(control_plane, kubectl, tmp: Path, name: str, namespaces: list[str] | None = None) -> Path:
+    """A ServiceAccount bound to exactly GATEWAY_RULES (cluster-wide, or in ``namespaces``); its kubeconfig."""
+    home = "gateway-system"
+    kubectl("create", "namespace", home, check=False)
+    kubectl.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": home}})
+    subject = [{"kind": "ServiceAccount", "name": name, "namespace": home}]
+    if not namespaces:
+        kubectl.apply([
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+             "rules": GATEWAY_RULES},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+             "subjects": subject}])
+    else:
+        for ns in namespaces:
+            kubectl.apply([
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                 "metadata": {"name": name, "namespace": ns}, "rules": GATEWAY_RULES},
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                 "metadata": {"name": name, "namespace": ns},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                 "subjects": subject}])
+    return sa_kubeconfig(control_plane, home, name, tmp / f"{name}.kubeconfig")
+
+
+@pytest.fixture(scope="session")
+def gateway_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway-logs")
+
+
+@pytest.fixture(scope="module")
+def cluster_gateway(control_plane, kubectl, mep_crds, operator, gateway_node, gateway_logs) -> Iterator[
+        GatewayProcess]:
+    """The gateway console script, cluster-wide, with only its own ServiceAccount's token."""
+    kubeconfig = gateway_identity(control_plane, kubectl, gateway_logs, "gateway-clusterwide")
+    env = {**control_plane.env(), "KUBECONFIG": str(kubeconfig)}
+    gw = GatewayProcess(env, gateway_logs / "gateway-clusterwide.log", pod_name="gw-it-0").start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+        print(f"\ngateway log: {gw.log_path}", file=sys.stderr)
