@@ -35,6 +35,7 @@ REPO = HACK.parent
 sys.path.insert(0, str(HACK))
 
 import localcluster  # noqa: E402
+import testbed_nodes  # noqa: E402
 
 GROUP, VERSION, PLURAL = "serving.modelendpoint.dev", "v1alpha1", "modelendpoints"
 OPERATOR_BIN = Path(sys.executable).parent / "modelendpoint-operator"
@@ -123,12 +124,12 @@ def main() -> int:
     op = None
     tracker = Tracker()
     try:
-        # Room for every runtime pod: kwok nodes take 110 pods each.
-        extra = max(0, -(-args.count * args.replicas // 100) - len(localcluster.GPU_NODES))
-        if extra:
-            nodes = {"apiVersion": "v1", "kind": "List", "items": [
-                localcluster.gpu_node_manifest(f"kwok-bench-{i}", 8) for i in range(extra)]}
-            cp.kubectl("apply", "-f", "-", input=json.dumps(nodes))
+        # Room for every runtime pod on simulated CPU nodes (the GPU nodes are tainted):
+        # kwok nodes take 110 pods each.
+        nodes = {"apiVersion": "v1", "kind": "List", "items": [
+            testbed_nodes.cpu_node_manifest(f"kwok-bench-{i}")
+            for i in range(-(-args.count * args.replicas // 100))]}
+        cp.kubectl("apply", "-f", "-", input=json.dumps(nodes))
         cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                    "crd/modelendpoints.serving.modelendpoint.dev", "crd/clusterkopfpeerings.kopf.dev")
@@ -184,7 +185,7 @@ def main() -> int:
                 break
             except OSError:
                 if op.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the operator did not start; see {work / 'operator.log'}")
+                    raise RuntimeError(f"the operator did not start; see {work / 'operator.log'}") from None
                 time.sleep(0.2)
 
         def apiserver_patches() -> float:
@@ -197,6 +198,7 @@ def main() -> int:
             return total
 
         requests_before = scrape(metrics_url, "modelendpoint_operator_api_requests_total")
+        events_before = scrape(metrics_url, "modelendpoint_operator_api_requests_total", resource="Event")
         patches_before = apiserver_patches()
 
         print(f"==> creating {args.count} ModelEndpoints in {args.namespaces} namespaces",
@@ -207,7 +209,8 @@ def main() -> int:
             ns = namespaces[i % len(namespaces)]
             body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelEndpoint",
                     "metadata": {"name": f"m{i:04d}", "namespace": ns},
-                    "spec": {"model": "bench/model", "gpus": 0, "replicas": args.replicas}}
+                    "spec": {"model": "bench/model", "servedModelName": f"bench-{i:04d}", "gpus": 0,
+                             "replicas": args.replicas}}
             custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
 
         with ThreadPoolExecutor(8) as pool:
@@ -230,7 +233,7 @@ def main() -> int:
                 raise RuntimeError(f"{sum(map(bool, finished))}/{args.count} converged after "
                                    f"{args.timeout:.0f}s; see {work / 'operator.log'}")
             time.sleep(0.5)
-        latencies = [done - tracker.created[k] for k, done in zip(keys, finished)]
+        latencies = [done - tracker.created[k] for k, done in zip(keys, finished, strict=True)]
         total = max(finished) - started
         requests = scrape(metrics_url, "modelendpoint_operator_api_requests_total") - requests_before
         kopf_patches = apiserver_patches() - patches_before
@@ -239,12 +242,12 @@ def main() -> int:
             for line in f:
                 if line.startswith("VmHWM:"):
                     peak_rss = max(peak_rss, int(line.split()[1]))
-        # kopf posts the operator's Events (phase transitions) from a background queue:
-        # counted once the status traffic settled. Only the operator posts Events about
-        # ModelEndpoints, and it posts each with one POST (one Event object).
+        # The operator posts an Event per phase transition (one POST each, counted in its
+        # own request metric as resource "Event"), checked against the Event objects.
+        events = scrape(metrics_url, "modelendpoint_operator_api_requests_total", resource="Event") - events_before
         about_meps = f"involvedObject.kind=ModelEndpoint,involvedObject.apiVersion={GROUP}/{VERSION}"
-        kopf_events = sum(len(core.list_namespaced_event(ns, field_selector=about_meps).items)
-                          for ns in namespaces)
+        event_objects = sum(len(core.list_namespaced_event(ns, field_selector=about_meps).items)
+                            for ns in namespaces)
         phases: dict[str, int] = {}
         for ns in namespaces:
             for item in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
@@ -256,9 +259,10 @@ def main() -> int:
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
             "max": max(latencies), "total": total, "created_in": created_in,
             "peak_rss_mib": peak_rss / 1024,
-            "reconciler_requests_per_object": requests / args.count,
+            "reconciler_requests_per_object": (requests - events) / args.count,
             "kopf_patches_per_object": kopf_patches / args.count,
-            "kopf_events_per_object": kopf_events / args.count,
+            "event_posts_per_object": events / args.count,
+            "event_objects_per_object": event_objects / args.count,
             "phases": phases,
         }
         print(json.dumps(result, indent=2))
@@ -302,12 +306,13 @@ def render(r: dict, cmd: str) -> str:
         pass
     phases = ", ".join(f"{k} {v}" for k, v in sorted(r["phases"].items()))
     all_requests = (r["reconciler_requests_per_object"] + r["kopf_patches_per_object"]
-                    + r["kopf_events_per_object"])
+                    + r["event_posts_per_object"])
     return f"""## Operator: {r['count']:,} ModelEndpoints across {r['namespaces']} namespaces
 
 Command: {cmd}.
 
-{r['count']:,} ModelEndpoints (`gpus: 0`, `replicas: {r['replicas']}`) created across
+{r['count']:,} ModelEndpoints (`gpus: 0`, `replicas: {r['replicas']}`, each its own
+`servedModelName`) created across
 {r['namespaces']} namespaces by 8 client threads on the local control plane (etcd,
 kube-apiserver, controller-manager, scheduler, kwok nodes; started by the benchmark
 itself), one operator process. "Converged" is the moment the benchmark's watches
@@ -324,24 +329,26 @@ the time per object counts from the ModelEndpoint's creation.
 | Creating them took (client side) | {r['created_in']:.1f} s | | |
 | Operator peak resident memory (VmHWM) | {r['peak_rss_mib']:.0f} MiB \
 | under {TARGET_PEAK_MIB:.0f} MiB | {_met(r['peak_rss_mib'] < TARGET_PEAK_MIB)} |
-| API requests of the reconciler per object | {r['reconciler_requests_per_object']:.2f} | | |
-| kopf's own PATCHes of ModelEndpoints per object | {r['kopf_patches_per_object']:.2f} | | |
-| Event POSTs (phase transitions, posted by kopf) per object | {r['kopf_events_per_object']:.2f} | | |
+| API requests of the reconciler per object (applies, status patches, reads) \
+| {r['reconciler_requests_per_object']:.2f} | | |
+| PATCHes of ModelEndpoints per object (kopf's bookkeeping; none: no change handlers) \
+| {r['kopf_patches_per_object']:.2f} | | |
+| Event POSTs (phase transitions) per object \
+| {r['event_posts_per_object']:.2f} (Event objects: {r['event_objects_per_object']:.2f}) | | |
 | All of the above: API requests per object | {all_requests:.2f} | | |
 
 Phases when converged: {phases} (kwok runs the pods; status keeps following them).
 
-What is counted, from the first create until every object converged (Events: 5 s
-later, as kopf posts them from a background queue):
-the reconciler's requests by its own metric `modelendpoint_operator_api_requests_total`
-(server-side applies of the children, status patches, Secret reads, and any GETs and
-deletes); kopf's bookkeeping patches (handler progress and last-handled configuration
-annotations) by the API server's `apiserver_request_total` for PATCH on
-`modelendpoints`, which only the operator sends here; the Events about ModelEndpoints,
-which only the operator posts, one POST each, counted as the Event objects in the
-namespaces. Not counted: the watch streams and their initial LISTs (one per resource
-kind, not per object), kopf's peering keep-alives (a PATCH of the peering object
-per period, not per object), and the requests before the first create.
+What is counted, from the first create until every object converged: the operator's
+requests by its own metric `modelendpoint_operator_api_requests_total` (server-side
+applies of the children, status patches, Secret reads, and any GETs and deletes; its
+Event POSTs, one per phase transition, in their own row and checked against the Event
+objects about ModelEndpoints in the namespaces); PATCHes of `modelendpoints` by the API
+server's `apiserver_request_total`, which only kopf's bookkeeping would send (the
+operator registers only event handlers, so there are none). Not counted: the watch
+streams and their initial LISTs (one per resource kind, not per object), kopf's
+peering keep-alives and the operator's reads of the peering object (per period, not
+per object), and the requests before the first create.
 
 Machine: {cpus} CPUs, {mem}, {platform.python_implementation()} {platform.python_version()},
 measured {datetime.date.today().isoformat()}; the machine was shared with other work,

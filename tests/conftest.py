@@ -65,12 +65,9 @@ def control_plane(testbed_bin: Path, tmp_path_factory: pytest.TempPathFactory):
         # A simulated node without GPUs or taints, for CPU ModelEndpoints (gpus: 0) whose pods
         # need not really run here (the GPU nodes are tainted, as GPU node pools are). Only
         # this tier's cluster has it: on `make dev`'s, CPU pods belong on the real node.
-        cpu_node = localcluster.gpu_node_manifest(CPU_NODE, 0)
-        cpu_node["spec"] = {}
-        cpu_node["metadata"]["labels"].pop("nvidia.com/gpu.present", None)
-        for part in ("allocatable", "capacity"):
-            cpu_node["status"][part].pop("nvidia.com/gpu", None)
-        cp.kubectl("apply", "-f", "-", input=json.dumps(cpu_node))
+        import testbed_nodes
+
+        cp.kubectl("apply", "-f", "-", input=json.dumps(testbed_nodes.cpu_node_manifest(CPU_NODE)))
         yield cp
     finally:
         cp.stop()

@@ -37,8 +37,10 @@ def _state(memo: kopf.Memo) -> Reconciler:
 # --- indexes ------------------------------------------------------------------------
 
 
+# The indexing functions are coroutines: kopf runs a plain function in a thread pool,
+# one thread hop per watch event of every indexed object.
 @kopf.index(c.GROUP, c.VERSION, c.PLURAL)
-def endpoints_idx(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def endpoints_idx(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     meta = body["metadata"]
     return {(namespace or "", name): {
         "apiVersion": body.get("apiVersion", c.API_VERSION),
@@ -52,7 +54,7 @@ def endpoints_idx(namespace: str | None, name: str, body: kopf.Body, **_: Any) -
 
 
 @kopf.index(c.GROUP, c.VERSION, c.PLURAL)
-def served_names_idx(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[str, Key] | None:
+async def served_names_idx(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[str, Key] | None:
     """Served model name -> the ModelEndpoints that claim it (for the Routable condition)."""
     served = _served_name(body)
     return {served: (namespace or "", name)} if served else None
@@ -68,7 +70,7 @@ def _owner_key(namespace: str | None, labels: kopf.Labels) -> Key | None:
     return (namespace, owner) if namespace and owner else None
 
 
-def _child_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict] | None:
+async def _child_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict] | None:
     key = _owner_key(namespace, labels)
     if key is None:
         return None
@@ -88,7 +90,7 @@ def _index_name(api_version: str, kind: str) -> str:
 
 
 @kopf.index("v1", "pods", labels=CHILD_SELECTOR)
-def pods_idx(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict] | None:
+async def pods_idx(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict] | None:
     key = _owner_key(namespace, labels)
     if key is None:
         return None
@@ -126,6 +128,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     # object's body: this bounds memory in bursts); idle workers go after 2 s.
     settings.queueing.worker_limit = ours.worker_limit
     settings.queueing.idle_timeout = 2.0
+    try:
+        metrics.serve(ours.metrics_port, ours.bind_address)
+    except OSError as exc:  # a busy port is a bad setting: stop, do not retry in 60 s
+        raise kopf.PermanentError(f"cannot serve metrics on {ours.bind_address}:{ours.metrics_port} "
+                                  f"(MEP_OPERATOR_METRICS_PORT): {exc.strerror}") from None
     state.kube = await k8s.Kube.connect(ours.max_api_requests)
     if ours.peering_create and not ours.standalone:
         await state.kube.ensure_peering(ours.peering_name, ours.namespace_list)
@@ -135,7 +142,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     kube = state.kube
     state.scaler = Scaler(state.queue.add, lambda ep, *a: kube.post_event(ep.involved(), *a),
                           ours.autoscaling_interval_seconds, ours.autoscaling_max_scrapes)
-    metrics.serve(ours.metrics_port, ours.bind_address)
     state.start_workers(ours.worker_limit)
     state.tasks.append(asyncio.create_task(state.scaler.run(lambda: _autoscaled(state), state.active),
                                            name="autoscaler"))
@@ -227,13 +233,17 @@ async def endpoint_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: 
         state.forget(meta.get("uid"), key)
     else:
         state.queue.add(key, "endpoint")
-    # The others claiming its served name (the new one, and the one its status still
-    # shows) may win or lose it now.
-    for served in {_served_name(body), (body.get("status") or {}).get("servedModelName")}:
-        if served and served in served_names_idx:
-            for other in set(served_names_idx[served]):
-                if other != key:
-                    state.queue.add(other, "endpoint")
+    # Who owns a served name changes only when a claimant comes, goes or changes its name:
+    # then the others claiming the old or the new name are reconciled too (their Routable
+    # condition). Not on every event: many endpoints sharing one name would each queue all
+    # the others, every time.
+    served, announced = _served_name(body), (body.get("status") or {}).get("servedModelName")
+    if type in ("ADDED", "DELETED") or body["metadata"].get("deletionTimestamp") or served != announced:
+        for name in {served, announced}:
+            if name and name in served_names_idx:
+                for other in set(served_names_idx[name]):
+                    if other != key:
+                        state.queue.add(other, "endpoint")
 
 
 async def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
