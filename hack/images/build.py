@@ -337,6 +337,9 @@ def build_all() -> dict[str, str]:
     vllm_key, _ = ensure_vllm_base(b, names["vllm-base"], names["python-base"], py_key, v)
     ensure_dockerfile_image(b, "operator", names["operator"], "Dockerfile.operator", py_key)
     ensure_dockerfile_image(b, "runtime", names["runtime"], "Dockerfile.runtime", vllm_key)
+    # Images replaced by a rebuild under the same name (6+ GB each for the vLLM ones)
+    # and bud's intermediate layers: the disk matters more than a faster next rebuild.
+    b("rmi", "--prune", check=False)
     return names
 
 
@@ -363,7 +366,18 @@ def load(node: Node, b: Buildah, ref: str) -> bool:
         b("push", "--quiet", ref, f"docker-archive:{archive}:{ref}")
         # The layers stay unpacked as snapshots; their tarballs need not be kept too.
         node.ctr("images", "import", "--local", "--discard-unpacked-layers", str(archive))
+    remove_untagged(node)
     return True
+
+
+def remove_untagged(node: Node) -> None:
+    """Drop images that a load left without a name (the previous build of a tag): the
+    CRI keeps them under their ID, and the kubelet's image GC, off on this node, would
+    not free their gigabytes either. One still used by a container stays (rmi refuses)."""
+    listed = json.loads(node.crictl("images", "-o", "json") or "{}").get("images") or []
+    for image in listed:
+        if not image.get("repoTags"):
+            node.crictl("rmi", image["id"], check=False)
 
 
 def ensure_pause(node: Node) -> None:
