@@ -35,6 +35,16 @@ API_KEY_VOLUME = "api-key"
 API_KEY_DIR = "/etc/modelendpoint/api-key"
 API_KEY_FILE_NAME = "keys"
 API_KEY_FILE = f"{API_KEY_DIR}/{API_KEY_FILE_NAME}"
+# A chat template from a ConfigMap (engine.chatTemplate.configMapRef).
+CHAT_TEMPLATE_VOLUME = "chat-template"
+CHAT_TEMPLATE_DIR = "/etc/modelendpoint/chat-template"
+CHAT_TEMPLATE_FILE_NAME = "template.jinja"
+# LoRA adapters: a ConfigMap <name>-adapters the runtime re-reads (ADAPTERS_FILE).
+ADAPTERS_SUFFIX = "-adapters"
+ADAPTERS_VOLUME = "adapters"
+ADAPTERS_DIR = "/etc/modelendpoint/adapters"
+ADAPTERS_FILE_NAME = "adapters.json"
+ADAPTERS_FILE = f"{ADAPTERS_DIR}/{ADAPTERS_FILE_NAME}"
 READY_PATH = "/ready"
 HEALTH_PATH = "/health"
 HF_HOME = "/var/cache/huggingface"
@@ -61,7 +71,8 @@ ANNOTATION_PREFIX = GROUP
 OPERATOR_SET_VARIABLES: tuple[str, ...] = (
     "MODEL_NAME", "OPENAI_SERVED_MODEL_NAME_OVERRIDE", "ENDPOINT_ID", "HOST", "PORT", "METRICS_PORT",
     "OPENAI_RESPONSE_ROLE", "RAW_OPENAI_OUTPUT", "DRAIN_TIMEOUT_SECONDS", "HF_HOME", "API_KEY",
-    "API_KEY_FILE", "VLLM_EXTRA_ARGS", "TENSOR_PARALLEL_SIZE",
+    "API_KEY_FILE", "VLLM_EXTRA_ARGS", "TENSOR_PARALLEL_SIZE", "CHAT_TEMPLATE", "RUNNER", "CONVERT",
+    "ADAPTERS_FILE", "ENABLE_LORA",
 )
 # vLLM options the runtime sets itself: refused in engine.extraArgs by the CRD (and in
 # VLLM_EXTRA_ARGS by the runtime).

@@ -80,6 +80,7 @@ async def _child_index(namespace: str | None, labels: kopf.Labels, body: kopf.Bo
         "metadata": {k: meta.get(k) for k in ("name", "uid", "generation", "resourceVersion", "labels",
                                              "annotations", "ownerReferences")},
         "spec": dict(body.get("spec") or {}),
+        "data": dict(body.get("data") or {}),  # ConfigMaps
         "status": dict(body.get("status") or {}),
     }}
 

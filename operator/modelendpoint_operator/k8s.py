@@ -33,6 +33,7 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("v1", "Service"): ("/api/v1", "services", True),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims", True),
     ("v1", "Secret"): ("/api/v1", "secrets", True),
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps", True),
     ("v1", "Pod"): ("/api/v1", "pods", True),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments", True),
     ("networking.k8s.io/v1", "Ingress"): ("/apis/networking.k8s.io/v1", "ingresses", True),

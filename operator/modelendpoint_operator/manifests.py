@@ -8,6 +8,7 @@ the applied configuration is stable: applying it again changes nothing.
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any
 
@@ -16,7 +17,7 @@ from kubernetes.utils.quantity import parse_quantity
 
 from . import constants as c
 from .settings import OperatorSettings
-from .spec import Endpoint, default_ingress_path, engine_value, engine_variable
+from .spec import ENGINE_FIELDS_BY_RULE, TASK_OPTIONS, Endpoint, default_ingress_path, engine_value, engine_variable
 
 
 def labels(name: str) -> dict[str, str]:
@@ -41,6 +42,10 @@ def selector_string(name: str) -> str:
 
 def pvc_name(name: str) -> str:
     return f"{name}{c.PVC_SUFFIX}"
+
+
+def adapters_name(name: str) -> str:
+    return f"{name}{c.ADAPTERS_SUFFIX}"
 
 
 def _metadata(ep: Endpoint, name: str, extra_annotations: dict[str, str] | None = None) -> dict[str, Any]:
@@ -89,10 +94,19 @@ def container_env(ep: Endpoint) -> list[dict[str, Any]]:
     tp = spec.tensor_parallel
     if tp is not None:
         env.append({"name": "TENSOR_PARALLEL_SIZE", "value": str(tp)})
-    for field, value in spec.engine:
-        if field in ("tensor_parallel_size", "extra_args") or value is None:
-            continue
-        env.append({"name": engine_variable(field), "value": engine_value(value)})
+    for field in ENGINE_FIELDS_BY_RULE:
+        value = getattr(spec.engine, field)
+        if field != "tensor_parallel_size" and value is not None:
+            env.append({"name": engine_variable(field), "value": engine_value(value)})
+    template = spec.engine.chat_template
+    if template is not None:
+        env.append({"name": "CHAT_TEMPLATE", "value": template.inline if template.inline is not None
+                    else f"{c.CHAT_TEMPLATE_DIR}/{c.CHAT_TEMPLATE_FILE_NAME}"})
+    for var, value in TASK_OPTIONS.get(spec.task or "", {}).items():
+        env.append({"name": var, "value": value})
+    if spec.adapters is not None:
+        env.append({"name": "ENABLE_LORA", "value": "true"})
+        env.append({"name": "ADAPTERS_FILE", "value": c.ADAPTERS_FILE})
     if spec.engine.extra_args:
         env.append({"name": "VLLM_EXTRA_ARGS", "value": shlex.join(spec.engine.extra_args)})
     env.append({"name": "DRAIN_TIMEOUT_SECONDS", "value": str(spec.drain_timeout_seconds)})
@@ -170,6 +184,17 @@ def pod_template(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any]:
             "secretName": spec.api_key_secret_ref.name, "defaultMode": 0o440,
             "items": [{"key": spec.api_key_secret_ref.key, "path": c.API_KEY_FILE_NAME}]}})
         mounts.append({"name": c.API_KEY_VOLUME, "mountPath": c.API_KEY_DIR, "readOnly": True})
+    template = spec.engine.chat_template
+    if template is not None and template.config_map_ref is not None:
+        volumes.append({"name": c.CHAT_TEMPLATE_VOLUME, "configMap": {
+            "name": template.config_map_ref.name,
+            "items": [{"key": template.config_map_ref.key, "path": c.CHAT_TEMPLATE_FILE_NAME}]}})
+        mounts.append({"name": c.CHAT_TEMPLATE_VOLUME, "mountPath": c.CHAT_TEMPLATE_DIR, "readOnly": True})
+    if spec.adapters is not None:
+        # The kubelet updates a ConfigMap volume in place: the runtime sees the new list and
+        # loads or unloads adapters without a restart.
+        volumes.append({"name": c.ADAPTERS_VOLUME, "configMap": {"name": adapters_name(ep.name)}})
+        mounts.append({"name": c.ADAPTERS_VOLUME, "mountPath": c.ADAPTERS_DIR, "readOnly": True})
     container: dict[str, Any] = {
         "name": c.RUNTIME_CONTAINER,
         "image": spec.image or settings.default_runtime_image,
@@ -315,6 +340,20 @@ def pvc(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any] | None:
     return _owned(obj, ep)
 
 
+def adapters_config_map(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any] | None:
+    """The list of LoRA adapters the runtime loads (spec.adapters); None without the field."""
+    if ep.spec.adapters is None:
+        return None
+    listing = [{"name": a.name, "source": a.source} for a in ep.spec.adapters]
+    obj = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(ep, adapters_name(ep.name)),
+        "data": {c.ADAPTERS_FILE_NAME: json.dumps(listing, indent=1)},
+    }
+    return _owned(obj, ep)
+
+
 # Kinds of children, in apply order. The Deployment, the only child that starts pods
 # (and takes GPUs), comes last: a spec found unworkable at another child (a name taken
 # by someone else's object, a child the API server rejects) starts no pods. The PVC
@@ -323,6 +362,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("v1", "Service"),
     ("networking.k8s.io/v1", "Ingress"),
     ("v1", "PersistentVolumeClaim"),
+    ("v1", "ConfigMap"),
     ("apps/v1", "Deployment"),
 )
 
@@ -334,6 +374,7 @@ def children(ep: Endpoint, settings: OperatorSettings,
         "Service": service(ep, settings),
         "Ingress": ingress(ep, settings),
         "PersistentVolumeClaim": pvc(ep, settings),
+        "ConfigMap": adapters_config_map(ep, settings),
         "Deployment": deployment(ep, settings, replicas),
     }
 
@@ -407,5 +448,8 @@ def metadata_differs(desired: dict[str, Any], live: dict[str, Any]) -> bool:
 
 def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
     """Whether the live child (None: missing) lacks anything the desired one sets."""
-    return (live is None or metadata_differs(desired, live)
-            or differs(desired.get("spec"), live.get("spec")))
+    if live is None or metadata_differs(desired, live):
+        return True
+    # A ConfigMap's content is its data; every other child's is its spec.
+    part = "data" if desired.get("kind") == "ConfigMap" else "spec"
+    return differs(desired.get(part), live.get(part))

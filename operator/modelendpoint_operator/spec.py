@@ -86,6 +86,26 @@ ExtraArg = Annotated[str, Field(max_length=4096, json_schema_extra=k8s(**{"x-kub
     reason="FieldValueForbidden")]}))]
 
 
+class ConfigMapKeyRef(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="ConfigMap name, in the ModelEndpoint's namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key in the ConfigMap.")
+
+
+class ChatTemplateSpec(ApiModel):
+    """A Jinja chat template that replaces the model's own (vLLM's --chat-template)."""
+
+    inline: str | None = Field(None, min_length=1, max_length=65536, description="The template itself.")
+    config_map_ref: ConfigMapKeyRef | None = Field(
+        None, description="A ConfigMap key holding the template, mounted into the pods.")
+
+    model_config = ConfigDict(json_schema_extra=k8s(**{"x-kubernetes-validations": [
+        cel("has(self.inline) != has(self.configMapRef)",
+            "engine.chatTemplate takes either inline or configMapRef, exactly one of them", ".inline")]}))
+
+
+PARSER_NAME = r"^[A-Za-z0-9_.-]+$"
+
+
 class EngineSpec(ApiModel):
     """vLLM engine options. Every scalar field reaches vLLM by the one rule
     (``maxModelLen`` -> ``MAX_MODEL_LEN`` -> ``--max-model-len``)."""
@@ -104,14 +124,30 @@ class EngineSpec(ApiModel):
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched in one engine step.")
     enable_prefix_caching: bool | None = Field(
         None, description="Reuse the KV cache of shared prompt prefixes (vLLM's default: on).")
+    tool_call_parser: str | None = Field(
+        None, min_length=1, max_length=64, pattern=PARSER_NAME,
+        description="How tool calls are read from the model's output for tool_choice auto: hermes, llama3_json, "
+                    "mistral, ... (a vLLM tool parser). Needs enableAutoToolChoice.")
+    enable_auto_tool_choice: bool | None = Field(
+        None, description="Let the model decide to call tools (tool_choice auto); needs toolCallParser. "
+                          "tool_choice required and a named function work without it.")
+    reasoning_parser: str | None = Field(
+        None, min_length=1, max_length=64, pattern=PARSER_NAME,
+        description="How a reasoning model's thinking is split into reasoning_content: deepseek_r1, qwen3, ... "
+                    "(a vLLM reasoning parser).")
+    chat_template: ChatTemplateSpec | None = Field(
+        None, description="A chat template replacing the model's own (CHAT_TEMPLATE: the text, or the path of "
+                          "the mounted ConfigMap key).")
     extra_args: list[ExtraArg] | None = Field(
         None, max_length=128,
         description="Further vLLM options, e.g. [--max-num-batched-tokens, '8192']; joined shell-quoted "
                     "into VLLM_EXTRA_ARGS. Options the runtime owns are refused.")
 
 
-# The engine fields that reach the runtime by the one rule (extraArgs has its own mapping).
-ENGINE_FIELDS_BY_RULE = tuple(name for name in EngineSpec.model_fields if name != "extra_args")
+# The engine fields that reach the runtime by the one rule (extraArgs and chatTemplate have
+# their own mapping: a shell-joined list, and a text or a mounted file).
+ENGINE_FIELDS_BY_RULE = tuple(name for name in EngineSpec.model_fields
+                              if name not in ("extra_args", "chat_template"))
 
 
 def engine_variable(field_name: str) -> str:
@@ -293,6 +329,27 @@ class LoadBalancingSpec(ApiModel):
                                         json_schema_extra=k8s(default={}))
 
 
+# --- what the model does, and its adapters -------------------------------------------------
+
+class AdapterSpec(ApiModel):
+    """A LoRA adapter served under its own model name, on top of the base model."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+                      description="The model name clients send for this adapter; /models lists it with parent "
+                                  "the served model name.")
+    source: str = Field(min_length=1, max_length=1024,
+                        description="A Hugging Face model id (downloaded into the model cache) or a folder on the "
+                                    "model-cache volume.")
+
+
+# spec.task -> the vLLM options it sets (unset: vLLM decides from the model).
+TASK_OPTIONS: dict[str, dict[str, str]] = {
+    "generate": {"RUNNER": "generate"},
+    "embed": {"RUNNER": "pooling", "CONVERT": "embed"},
+    "classify": {"RUNNER": "pooling", "CONVERT": "classify"},
+}
+
+
 # --- the spec --------------------------------------------------------------------------------
 
 class ModelEndpointSpec(ApiModel):
@@ -370,6 +427,17 @@ class ModelEndpointSpec(ApiModel):
                                  json_schema_extra=k8s(default={}))
     autoscaling: AutoscalingSpec | None = Field(
         None, description="Scale on load between minReplicas and maxReplicas (replicas is then ignored).")
+    task: Literal["generate", "embed", "classify"] | None = Field(
+        None, description="What the model serves: generate (chat and completions), embed (/embeddings, /score, "
+                          "/rerank with cosine similarity) or classify (/classify, and /score, /rerank with a "
+                          "cross-encoder); sets vLLM's runner and converter (RUNNER, CONVERT). Unset: vLLM "
+                          "decides from the model.")
+    adapters: list[AdapterSpec] | None = Field(
+        None, max_length=64,
+        description="LoRA adapters, each served under its own name. Adding or removing one loads or unloads it on "
+                    "the running replicas without a restart (a ConfigMap the runtime re-reads); the field's first "
+                    "appearance enables LoRA and rolls the pods once.",
+        json_schema_extra=k8s(**{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}))
     load_balancing: LoadBalancingSpec = Field(default_factory=LoadBalancingSpec,
                                               json_schema_extra=k8s(default={}))
 
@@ -382,6 +450,13 @@ class ModelEndpointSpec(ApiModel):
             "a ModelEndpoint reachable from outside the cluster (ingress.enabled, or service.type LoadBalancer "
             "or NodePort) needs apiKeySecretRef, or allowUnauthenticated: true to publish it without a key",
             ".apiKeySecretRef", "FieldValueRequired"),
+        cel("!has(self.adapters) || self.adapters.all(a, a.name != (has(self.servedModelName) ? "
+            "self.servedModelName : self.model))",
+            "an adapter's name must differ from the served model name", ".adapters"),
+        cel("!has(self.engine.enableAutoToolChoice) || !self.engine.enableAutoToolChoice || "
+            "has(self.engine.toolCallParser)",
+            "engine.enableAutoToolChoice needs engine.toolCallParser (how to read tool calls from the output)",
+            ".engine.toolCallParser", "FieldValueRequired"),
         cel("!has(self.hfTokenSecretRef) || !has(self.env) || !self.env.exists(e, e.name == 'HF_TOKEN')",
             "spec.env sets HF_TOKEN, which hfTokenSecretRef sets too: keep one of them", ".env",
             "FieldValueForbidden"),
@@ -432,6 +507,12 @@ class AutoscalingStatus(ApiModel):
     message: str | None = None
 
 
+class AdapterStatus(ApiModel):
+    name: str
+    loaded_replicas: Int32 = Field(0, description="Ready replicas that have it loaded.")
+    message: str | None = Field(None, description="vLLM's reason when a replica could not load it.")
+
+
 class ModelEndpointStatus(ApiModel):
     phase: Phase | None = None
     message: str | None = None
@@ -446,6 +527,9 @@ class ModelEndpointStatus(ApiModel):
     external_url: str | None = Field(None, alias="externalURL", description="OpenAI base URL through the ingress host.")
     observed_generation: Int64 | None = None
     autoscaling: AutoscalingStatus | None = None
+    adapters: list[AdapterStatus] | None = Field(
+        None, description="Each adapter of spec.adapters: on how many ready replicas it is loaded, and why not.",
+        json_schema_extra=k8s(**{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}))
     conditions: list[Condition] | None = Field(
         None, json_schema_extra=k8s(**{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}))
 

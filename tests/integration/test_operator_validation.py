@@ -108,6 +108,16 @@ CASES = [
      "spec.autoscaling.targetRequests", ""),
     ("autoscaling-negative-delay", {"autoscaling": {"maxReplicas": 2, "scaleDownDelaySeconds": -1}},
      "spec.autoscaling.scaleDownDelaySeconds", ""),
+    # Issue 14.
+    ("chat-template-both", {"engine": {"chatTemplate": {"inline": "x", "configMapRef": {"name": "a", "key": "b"}}}},
+     "spec.engine.chatTemplate.inline", "exactly one"),
+    ("auto-tool-choice-without-parser", {"engine": {"enableAutoToolChoice": True}},
+     "spec.engine.toolCallParser", "needs engine.toolCallParser"),
+    ("task-enum", {"task": "speech"}, "spec.task", ""),
+    ("adapter-named-like-the-model", {"adapters": [{"name": "org/model", "source": "x/y"}]}, "spec.adapters",
+     "must differ from the served model name"),
+    ("adapter-duplicate", {"adapters": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]},
+     "spec.adapters[1]", "Duplicate"),
     ("balancing-strategy-enum", {"loadBalancing": {"strategy": "Random"}}, "spec.loadBalancing.strategy", ""),
     ("prefix-hash-load-below-mean", {"loadBalancing": {"prefixHash": {"meanLoadPercentage": 90}}},
      "spec.loadBalancing.prefixHash.meanLoadPercentage", ""),
@@ -147,12 +157,14 @@ def test_name_that_cannot_name_a_service_is_rejected(kubectl: Kubectl, mep_crds)
 
 def test_valid_objects_are_accepted_with_defaults(kubectl: Kubectl, mep_crds) -> None:
     proc = _create(kubectl, mep("ok", "default", model="org/m", gpus=4,
-                                engine={"tensorParallelSize": 4, "enablePrefixCaching": True,
+                                engine={"tensorParallelSize": 4, "enablePrefixCaching": True, "toolCallParser": "hermes",
+                                        "enableAutoToolChoice": True, "chatTemplate": {"inline": "{{ x }}"},
                                         "extraArgs": ["--seed", "1", "--max-num-batched-tokens=4096"]},
                                 env=[{"name": "ENABLE_CHUNKED_PREFILL", "value": "true"}],
                                 modelCache={"size": "100Gi", "storageClassName": "fast"},
                                 apiKeySecretRef={"name": "keys", "key": "api"},
                                 autoscaling={"minReplicas": 0, "maxReplicas": 3},
+                                task="generate", adapters=[{"name": "sql", "source": "org/sql-lora"}],
                                 ingress={"enabled": True, "host": "a.example.com",
                                          "tlsSecretName": "t"}))
     assert proc.returncode == 0, proc.stderr

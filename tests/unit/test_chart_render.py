@@ -145,7 +145,7 @@ def test_rbac_is_least_privilege(defaults):
     assert rules[("serving.modelendpoint.dev", "modelendpoints/status")] == {"patch"}
     # Server-side apply needs patch, plus create when the child does not exist yet.
     for child in [("apps", "deployments"), ("", "services"), ("", "persistentvolumeclaims"),
-                  ("networking.k8s.io", "ingresses")]:
+                  ("", "configmaps"), ("networking.k8s.io", "ingresses")]:
         assert rules[child] == {"get", "list", "watch", "create", "patch", "delete"}, child
     # get: the operator's reconcile queue and autoscaler follow kopf's peering verdict.
     assert rules[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
@@ -160,7 +160,7 @@ def test_rbac_is_least_privilege(defaults):
         ("serving.modelendpoint.dev", "modelendpoints"),
         ("serving.modelendpoint.dev", "modelendpoints/status"),
         ("serving.modelendpoint.dev", "modelendpoints/finalizers"),
-        ("apps", "deployments"), ("", "services"), ("", "persistentvolumeclaims"),
+        ("apps", "deployments"), ("", "services"), ("", "persistentvolumeclaims"), ("", "configmaps"),
         ("networking.k8s.io", "ingresses"), ("", "secrets"), ("", "pods"), ("", "events"),
         ("apiextensions.k8s.io", "customresourcedefinitions"), ("kopf.dev", "clusterkopfpeerings"),
     }

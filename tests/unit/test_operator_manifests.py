@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shlex
 
 import pytest
@@ -11,7 +12,7 @@ from modelendpoint_operator import constants as c
 from modelendpoint_operator import crd
 from modelendpoint_operator import manifests as m
 from modelendpoint_operator.settings import load_settings
-from modelendpoint_operator.spec import Endpoint, EngineSpec, engine_variable
+from modelendpoint_operator.spec import ENGINE_FIELDS_BY_RULE, Endpoint, EngineSpec, engine_variable
 
 SETTINGS = load_settings({"MEP_OPERATOR_DEFAULT_RUNTIME_IMAGE": "reg.example/runtime:9"})
 
@@ -90,7 +91,7 @@ def test_every_scalar_engine_field_reaches_the_runtime_by_the_one_rule() -> None
     schema = crd.model_schema(EngineSpec)["properties"]
     examples = {"integer": 3, "boolean": True, "number": 0.5, "string": "awq"}
     for name, info in EngineSpec.model_fields.items():
-        if name in ("extra_args", "tensor_parallel_size"):
+        if name not in ENGINE_FIELDS_BY_RULE or name == "tensor_parallel_size":
             continue
         prop = schema[info.alias or name]
         value = prop["enum"][0] if "enum" in prop else examples[prop["type"]]
@@ -203,9 +204,9 @@ def test_model_cache_variants() -> None:
 
 
 def test_labels_selector_and_owner_reference_on_every_child() -> None:
-    obj = owner(modelCache={"size": "1Gi"}, ingress={"enabled": True})
+    obj = owner(modelCache={"size": "1Gi"}, ingress={"enabled": True}, adapters=[])
     kids = m.children(obj, SETTINGS)
-    assert set(kids) == {"Deployment", "Service", "Ingress", "PersistentVolumeClaim"}
+    assert set(kids) == {"Deployment", "Service", "Ingress", "PersistentVolumeClaim", "ConfigMap"}
     for kind, child in kids.items():
         meta = child["metadata"]
         assert meta["namespace"] == "ns"
@@ -214,7 +215,7 @@ def test_labels_selector_and_owner_reference_on_every_child() -> None:
         assert meta["ownerReferences"] == [{
             "apiVersion": c.API_VERSION, "kind": c.KIND, "name": "llm", "uid": "uid-1",
             "controller": True, "blockOwnerDeletion": True}]
-        assert meta["name"] == ("llm-cache" if kind == "PersistentVolumeClaim" else "llm")
+        assert meta["name"] == {"PersistentVolumeClaim": "llm-cache", "ConfigMap": "llm-adapters"}.get(kind, "llm")
     dep = kids["Deployment"]
     assert dep["spec"]["selector"]["matchLabels"] == {c.LABEL_ENDPOINT: "llm"}
     assert kids["Service"]["spec"]["selector"] == {c.LABEL_ENDPOINT: "llm"}
@@ -225,7 +226,50 @@ def test_labels_selector_and_owner_reference_on_every_child() -> None:
 
 def test_optional_children_absent_by_default() -> None:
     kids = m.children(owner(), SETTINGS)
-    assert kids["Ingress"] is None and kids["PersistentVolumeClaim"] is None
+    assert kids["Ingress"] is None and kids["PersistentVolumeClaim"] is None and kids["ConfigMap"] is None
+
+
+def test_tool_calling_and_reasoning_fields_by_the_rule() -> None:
+    env = values(owner(engine={"toolCallParser": "hermes", "enableAutoToolChoice": True,
+                               "reasoningParser": "deepseek_r1"}))
+    assert (env["TOOL_CALL_PARSER"], env["ENABLE_AUTO_TOOL_CHOICE"], env["REASONING_PARSER"]) == (
+        "hermes", "true", "deepseek_r1")
+
+
+def test_chat_template_inline_or_from_a_config_map() -> None:
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert values(owner(engine={"chatTemplate": {"inline": inline}}))["CHAT_TEMPLATE"] == inline
+    obj = owner(engine={"chatTemplate": {"configMapRef": {"name": "tpl", "key": "chat.jinja"}}})
+    assert values(obj)["CHAT_TEMPLATE"] == f"{c.CHAT_TEMPLATE_DIR}/{c.CHAT_TEMPLATE_FILE_NAME}"
+    pod = m.deployment(obj, SETTINGS)["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}[c.CHAT_TEMPLATE_VOLUME]["configMap"] == {
+        "name": "tpl", "items": [{"key": "chat.jinja", "path": c.CHAT_TEMPLATE_FILE_NAME}]}
+
+
+@pytest.mark.parametrize("task,expected", [
+    (None, {}), ("generate", {"RUNNER": "generate"}),
+    ("embed", {"RUNNER": "pooling", "CONVERT": "embed"}),
+    ("classify", {"RUNNER": "pooling", "CONVERT": "classify"}),
+])
+def test_task_sets_vllms_runner_and_converter(task: str | None, expected: dict) -> None:
+    env = values(owner(**({"task": task} if task else {})))
+    assert {k: env[k] for k in ("RUNNER", "CONVERT") if k in env} == expected
+
+
+def test_adapters_are_a_config_map_the_pods_mount_and_changing_them_changes_no_pod() -> None:
+    one = owner(adapters=[{"name": "sql", "source": "org/sql-lora"}])
+    two = owner(adapters=[{"name": "sql", "source": "org/sql-lora"}, {"name": "chat", "source": "/models/x"}])
+    cm = m.children(two, SETTINGS)["ConfigMap"]
+    assert cm["metadata"]["name"] == "llm-adapters"
+    assert json.loads(cm["data"][c.ADAPTERS_FILE_NAME]) == [
+        {"name": "sql", "source": "org/sql-lora"}, {"name": "chat", "source": "/models/x"}]
+    env = values(one)
+    assert env["ENABLE_LORA"] == "true" and env["ADAPTERS_FILE"] == c.ADAPTERS_FILE
+    # Adding an adapter changes the ConfigMap only: the running replicas load it, no roll.
+    assert m.pod_template(one, SETTINGS) == m.pod_template(two, SETTINGS)
+    assert m.needs_apply(cm, m.children(one, SETTINGS)["ConfigMap"])
+    pod = m.pod_template(one, SETTINGS)["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}[c.ADAPTERS_VOLUME]["configMap"] == {"name": "llm-adapters"}
 
 
 def test_service() -> None:

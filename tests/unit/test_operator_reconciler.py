@@ -388,7 +388,7 @@ def test_a_deleted_endpoint_leaves_nothing_behind() -> None:
 
 
 CHILD_RESOURCES = {"Deployment": ("apps", "deployments"), "Service": ("", "services"),
-                   "Ingress": ("networking.k8s.io", "ingresses"),
+                   "Ingress": ("networking.k8s.io", "ingresses"), "ConfigMap": ("", "configmaps"),
                    "PersistentVolumeClaim": ("", "persistentvolumeclaims")}
 
 
