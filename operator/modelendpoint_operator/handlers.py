@@ -144,7 +144,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     state.scaler = Scaler(state.queue.add, lambda ep, *a: kube.post_event(ep.involved(), *a),
                           ours.autoscaling_interval_seconds, ours.autoscaling_max_scrapes)
     state.start_workers(ours.worker_limit)
-    state.tasks.append(asyncio.create_task(state.scaler.run(lambda: _autoscaled(state), state.active),
+    state.tasks.append(asyncio.create_task(state.scaler.run(lambda: _scraped(state), state.active),
                                            name="autoscaler"))
     if ours.standalone:
         state.active.set()
@@ -185,13 +185,13 @@ async def _watch_peering(state: Reconciler) -> None:
         await asyncio.sleep(PEERING_POLL_SECONDS)
 
 
-def _autoscaled(state: Reconciler) -> list[tuple[Endpoint, list[dict[str, Any]], int]]:
+def _scraped(state: Reconciler) -> list[tuple[Endpoint, list[dict[str, Any]], int]]:
     assert state.views is not None
     views = state.views
     out = []
     for body in views.all_endpoints():
         spec = body.get("spec") or {}
-        if not spec.get("autoscaling") or body["metadata"].get("deletionTimestamp"):
+        if not (spec.get("autoscaling") or "adapters" in spec) or body["metadata"].get("deletionTimestamp"):
             continue
         try:
             ep = Endpoint.from_body(body)

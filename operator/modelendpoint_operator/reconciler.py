@@ -284,7 +284,8 @@ class Reconciler:
             ep, deployment, views.pods_of(key), self.settings, failure,
             applied_generation=None if applied else previous.get("observedGeneration"),
             desired=replicas, previous=previous, extra=self.conditions(ep, views),
-            autoscaling=self.scaler.status(ep) if (ep.spec.autoscaling is not None and self.scaler) else None)
+            autoscaling=self.scaler.status(ep) if (ep.spec.autoscaling is not None and self.scaler) else None,
+            adapters=self.scaler.adapter_status(ep) if self.scaler is not None else None)
         await self._write_status(ep, previous, new)
         if retry is not None:
             raise retry

@@ -1,4 +1,5 @@
-"""The autoscaler's loop: one task for every autoscaled ModelEndpoint of this process.
+"""The scrape loop: one task for every autoscaled ModelEndpoint (and every one with LoRA
+adapters) of this process.
 
 Every ``MEP_OPERATOR_AUTOSCALING_INTERVAL_SECONDS`` it reads each ready replica's
 metrics port (``http://<pod IP>:9400/metrics``, no API key; at most
@@ -10,6 +11,10 @@ it to the Deployment and writes ``status.autoscaling``. A wake (a fresh held
 annotation on a ModelEndpoint at zero) does not wait for the loop: the
 ModelEndpoint's watch event reaches the reconcile at once, which asks
 :meth:`Scaler.replicas`, which scales up from the annotation alone.
+
+For a ModelEndpoint with ``spec.adapters``, the same loop reads each ready replica's
+``GET /adapters`` on the metrics port (which adapters it has loaded, and why one failed)
+for ``status.adapters``.
 
 Cost per replica and period: one HTTP GET of the metrics text (a few tens of kB:
 vLLM's histograms dominate) and its parse, about a millisecond of CPU.
@@ -77,6 +82,29 @@ def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def adapter_summary(names: list[str], reports: list[Any]) -> list[dict[str, Any]]:
+    """Per adapter: how many replicas report it loaded, and vLLM's reason where one failed.
+
+    ``reports``: each ready replica's ``GET /adapters`` answer,
+    ``{"adapters": [{"name", "state", "error"}]}``.
+    """
+    out = []
+    for name in names:
+        loaded, errors = 0, []
+        for report in reports:
+            for entry in (report or {}).get("adapters") or []:
+                if isinstance(entry, dict) and entry.get("name") == name:
+                    if entry.get("state") == "loaded":
+                        loaded += 1
+                    elif entry.get("state") == "failed" and entry.get("error"):
+                        errors.append(str(entry["error"]))
+        item: dict[str, Any] = {"name": name, "loadedReplicas": loaded}
+        if errors:
+            item["message"] = errors[0][:500]
+        out.append(item)
+    return out
+
+
 class Scaler:
     """Replica counts for autoscaled ModelEndpoints, kept in memory and in their status."""
 
@@ -89,6 +117,8 @@ class Scaler:
         self.clock = clock
         self.wallclock = wallclock
         self.tracks: dict[Key, Track] = {}
+        # The /adapters report of each ready replica, per ModelEndpoint with adapters.
+        self.adapters: dict[Key, list[Any]] = {}
         self._scrapes = asyncio.Semaphore(max_scrapes)
         self._session: aiohttp.ClientSession | None = None
 
@@ -149,6 +179,7 @@ class Scaler:
         return out
 
     def forget(self, key: Key) -> None:
+        self.adapters.pop(key, None)
         if self.tracks.pop(key, None) is not None:
             for gauge in (metrics.AUTOSCALER_LOAD, metrics.AUTOSCALER_DESIRED, metrics.AUTOSCALER_CURRENT):
                 try:
@@ -192,6 +223,43 @@ class Scaler:
         await asyncio.gather(*(self._one(ep, pods, current) for ep, pods, current in items))
 
     async def _one(self, ep: Endpoint, pods: list[dict[str, Any]], current: int) -> None:
+        if ep.spec.adapters is not None:
+            await self._adapters(ep, pods)
+        if ep.spec.autoscaling is not None:
+            await self._load(ep, pods, current)
+
+    # --- LoRA adapters: what each ready replica has loaded -------------------------------
+
+    def adapter_status(self, ep: Endpoint) -> list[dict[str, Any]] | None:
+        """``status.adapters``: per adapter of the spec, the ready replicas that loaded it."""
+        if ep.spec.adapters is None:
+            return None
+        seen = self.adapters.get(ep.key)
+        if seen is None:
+            return list(ep.status.get("adapters") or []) or None
+        return adapter_summary([a.name for a in ep.spec.adapters], seen)
+
+    async def _adapters(self, ep: Endpoint, pods: list[dict[str, Any]]) -> None:
+        urls = [url.removesuffix("/metrics") + "/adapters" for _, url in ready_replicas(pods)]
+        reports = await asyncio.gather(*(self._get_json(url) for url in urls))
+        seen = [r for r in reports if r is not None]
+        if seen != self.adapters.get(ep.key):
+            self.adapters[ep.key] = seen
+            self.enqueue(ep.key, "adapters")
+
+    async def _get_json(self, url: str) -> Any:
+        assert self._session is not None
+        async with self._scrapes:
+            try:
+                async with self._session.get(url) as resp:
+                    return await resp.json() if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.debug("reading %s failed: %r", url, exc)
+                return None
+
+    # --- load: requests in flight ------------------------------------------------------
+
+    async def _load(self, ep: Endpoint, pods: list[dict[str, Any]], current: int) -> None:
         spec = ep.spec.autoscaling
         assert spec is not None
         track = self._track(ep, None)

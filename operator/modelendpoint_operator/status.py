@@ -205,6 +205,7 @@ def compute_status(
     previous: dict[str, Any] | None = None,
     extra: tuple[Condition, ...] = (),
     autoscaling: dict[str, Any] | None = None,
+    adapters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of ``ep``; lastTransitionTime moves only when a condition flips.
 
@@ -265,6 +266,8 @@ def compute_status(
         status["externalURL"] = external
     if autoscaling is not None:
         status["autoscaling"] = autoscaling
+    if adapters is not None:
+        status["adapters"] = adapters
     return status
 
 

@@ -203,3 +203,19 @@ def _peer(priority: int, age: float, lifetime: int = 60) -> dict:
 ])
 def test_peering_gate_follows_kopfs_rule(status: dict | None, expected: bool) -> None:
     assert peering.active([status], "me", 100, NOW) is expected
+
+
+def test_adapter_status_counts_replicas_that_loaded_each_adapter() -> None:
+    from modelendpoint_operator.scaler import adapter_summary
+
+    reports = [
+        {"adapters": [{"name": "sql", "state": "loaded"}, {"name": "bad", "state": "failed",
+                                                           "error": "No adapter found for /x"}]},
+        {"adapters": [{"name": "sql", "state": "loaded"}, {"name": "bad", "state": "loading"}]},
+        None,  # a replica that did not answer counts for nothing
+    ]
+    assert adapter_summary(["sql", "bad", "new"], reports) == [
+        {"name": "sql", "loadedReplicas": 2},
+        {"name": "bad", "loadedReplicas": 0, "message": "No adapter found for /x"},
+        {"name": "new", "loadedReplicas": 0},
+    ]
