@@ -154,7 +154,9 @@ def test_a_streaming_client_that_stops_reading_releases_its_slot(runtime_server)
     generated_before = metric(server, "vllm:generation_tokens_total")
     # Three sequences with five alternatives per token: big chunks, so that the
     # client's buffers (and the runtime's ~80 KiB) fill in a few seconds.
-    body = {"model": server.model, "prompt": "Tell a long story", "stream": True, "n": 3, "logprobs": 5, **LONG}
+    # (n > 1 cannot be greedy: temperature 1.)
+    body = {"model": server.model, "prompt": "Tell a long story", "stream": True, **LONG, "n": 3, "logprobs": 5,
+            "temperature": 1.0, "seed": 1}  # fmt: skip
     sock = _raw_post(server, json.dumps(body).encode(), rcvbuf=4096)  # reads the first bytes, then nothing more
     try:
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
