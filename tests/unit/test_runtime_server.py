@@ -39,6 +39,7 @@ class Serving:
 
     def __init__(self) -> None:
         self.streams_closed = 0  # the stream generator was closed: vLLM would abort the engine request
+        self.sent = 0  # bytes the stream produced
 
     async def create_chat_completion(self, req, raw):
         if not req.stream:
@@ -49,6 +50,7 @@ class Serving:
         async def endless():
             try:
                 while True:
+                    self.sent += len(CHUNK)
                     yield CHUNK
                     await asyncio.sleep(0)
             finally:
@@ -241,6 +243,9 @@ def test_a_streaming_client_that_stops_reading_is_cut_and_its_slot_freed():
         wait_for(lambda: srv.runtime.admission.in_flight == 1, timeout=5, what="the stream to be admitted")
         wait_for(lambda: srv.runtime.admission.in_flight == 0, timeout=20, what="the stalled stream's slot")
         assert srv.fake.streams_closed == 1
+        # Noticed after little data: the kernel queues at most NOTSENT_LOWAT unsent
+        # (it grew a loopback send buffer to megabytes before).
+        assert srv.fake.sent < 512 * 1024
         assert srv.runtime.metrics.in_flight._value.get() == 0
         assert srv.runtime.metrics.client_timeouts.labels("write")._value.get() == 1
         # The slot serves the next client.
