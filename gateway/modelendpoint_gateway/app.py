@@ -186,7 +186,7 @@ class Gateway:
             resp.send(err.status, error_headers(err), err.body_bytes())
 
     def _done(self, req: Request, resp: Responder, ctx: Ctx) -> None:
-        now = self.loop.time()
+        now = time.perf_counter()
         status = resp.status or 499  # 499: the client went away before any answer
         m = ctx.metrics or metrics.for_model(metrics.UNROUTED)
         m.request(status)
@@ -319,7 +319,7 @@ class Gateway:
             raise errors.shutting_down(s.retry_after_seconds)
         if self.held.total >= s.max_held_requests:
             raise errors.too_many_held(name, s.max_held_requests, s.retry_after_seconds)
-        now = self.loop.time()
+        now = time.perf_counter()
         if ctx.hold_deadline is None:
             ctx.hold_deadline = now + s.hold_timeout_seconds
         started = now
@@ -342,7 +342,7 @@ class Gateway:
                 self._refuse_unservable(current)
                 if self.holds_ended:
                     raise errors.shutting_down(s.retry_after_seconds)
-                now = self.loop.time()
+                now = time.perf_counter()
                 remaining = ctx.hold_deadline - now
                 if remaining <= 0:
                     raise errors.hold_timeout(name, now - (req.received_at or started), s.retry_after_seconds)
@@ -362,7 +362,7 @@ class Gateway:
                     pass
         finally:
             m.held.dec()
-            ctx.held_s = (ctx.held_s or 0.0) + (self.loop.time() - started)
+            ctx.held_s = (ctx.held_s or 0.0) + (time.perf_counter() - started)
             if self.held.remove(key):
                 self.wake.set()
 
@@ -496,6 +496,26 @@ class Gateway:
         connection failed before any byte of an answer; try elsewhere.
         """
         ex = conn.request(self._upstream_head(req, replica), req.body)
+        early = resp.started  # a held stream whose SSE headers are out
+
+        def on_head() -> None:
+            # Runs inside the parser callback: the answer starts in the same loop iteration as the
+            # replica's head arrived, and the first chunk of that read goes straight through.
+            if ex.status == 503 and can_retry:
+                return  # kept aside; maybe retried elsewhere
+            if early:
+                if ex.status == 200:
+                    ex.set_sink(self._first_byte_sink(resp, ex, ctx))
+                return
+            headers, length = self._response_headers(ex, replica)
+            resp.start(ex.status, headers, length, cork=True)
+            client = resp.conn
+            client.paused_reader = conn.transport
+            if client.write_paused:
+                conn.transport.pause_reading()
+            ex.set_sink(self._first_byte_sink(resp, ex, ctx))
+
+        ex.on_head = on_head
         try:
             await ex.head
             if ex.status == 503 and can_retry:
@@ -506,12 +526,14 @@ class Gateway:
                 return ex.status, headers, data
         except BaseException:
             conn.close()
+            if resp.started and not early:
+                raise RuntimeError("a replica's answer started but its head failed") from None
             raise
         try:
-            if resp.started:
+            if early:
                 ok = await self._into_early_stream(resp, ex, ctx)
             else:
-                ok = await self._stream(resp, ex, conn, replica, ctx)
+                ok = await self._stream(resp, ex, ctx)
         except BaseException:
             conn.close()  # the client went away: the replica sees the disconnect and stops generating
             raise
@@ -528,22 +550,14 @@ class Gateway:
         write = resp.write
 
         def first(data: bytes) -> None:
-            ctx.first_byte_at = self.loop.time()
+            ctx.first_byte_at = time.perf_counter()
             ex.sink = write  # every later chunk: straight to the client's socket
             write(data)
 
         return first
 
-    async def _stream(self, resp: Responder, ex: Exchange, conn: UpstreamConnection, replica: Replica,
-                      ctx: Ctx) -> bool:
-        """Pass the replica's answer on as it arrives; False when the replica's connection broke midway."""
-        headers, length = self._response_headers(ex, replica)
-        resp.start(ex.status, headers, length)
-        client = resp.conn
-        client.paused_reader = conn.transport
-        if client.write_paused:
-            conn.transport.pause_reading()
-        ex.set_sink(self._first_byte_sink(resp, ex, ctx))
+    async def _stream(self, resp: Responder, ex: Exchange, ctx: Ctx) -> bool:
+        """Wait while the replica's answer passes on (started by on_head); False when it broke midway."""
         try:
             await ex.done
         except UpstreamError:
@@ -558,7 +572,7 @@ class Gateway:
             ctx.error_code = "upstream_broken"
             return False
         if ctx.first_byte_at is None:
-            ctx.first_byte_at = self.loop.time()
+            ctx.first_byte_at = time.perf_counter()
         resp.end()
         return True
 
@@ -567,12 +581,11 @@ class Gateway:
         try:
             if ex.status != 200:
                 await ex.done
-                ctx.first_byte_at = self.loop.time()
+                ctx.first_byte_at = time.perf_counter()
                 ctx.error_code = "upstream_error"
                 resp.write(errors.upstream_error_as_event(ex.status, ex.buffered()))
                 resp.end()
                 return True
-            ex.set_sink(self._first_byte_sink(resp, ex, ctx))
             await ex.done
         except UpstreamError:
             if not resp.client_gone:

@@ -27,6 +27,7 @@ import collections
 import http
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -89,7 +90,7 @@ class Responder:
     """Writes one response to the client connection: head, body chunks, end."""
 
     __slots__ = ("conn", "transport", "chunked", "started", "finished", "status", "close_after", "head_only",
-                 "first_byte_at", "bytes_out", "_raw")
+                 "first_byte_at", "bytes_out", "_raw", "_head")
 
     def __init__(self, conn: ServerConnection, request: Request) -> None:
         self.conn = conn
@@ -103,13 +104,18 @@ class Responder:
         self.first_byte_at = 0.0
         self.bytes_out = 0
         self._raw = request.version == "1.0"
+        self._head = b""
 
     @property
     def client_gone(self) -> bool:
         return self.conn.closed
 
-    def start(self, status: int, headers: Headers, content_length: int | None = None) -> None:
-        """Send the status line and headers; without a length the body is chunked (close-delimited on HTTP/1.0)."""
+    def start(self, status: int, headers: Headers, content_length: int | None = None, cork: bool = False) -> None:
+        """Send the status line and headers; without a length the body is chunked (close-delimited on HTTP/1.0).
+
+        ``cork``: hold the head back until the first body piece or the end of this loop iteration,
+        so that head and first chunk leave in one write (one syscall, one packet).
+        """
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
@@ -129,17 +135,31 @@ class Responder:
         if self.close_after:
             parts.append(b"connection: close\r\n")
         parts.append(_CRLF)
-        if not self.conn.closed:
-            self.transport.write(b"".join(parts))
         if self.head_only:
             self.chunked = False
+        if self.conn.closed:
+            return
+        if cork:
+            self._head = b"".join(parts)
+            self.conn.loop.call_soon(self._flush_head)
+        else:
+            self.transport.write(b"".join(parts))
+
+    def _flush_head(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            if not self.conn.closed:
+                self.transport.write(head)
 
     def write(self, data: bytes) -> None:
         """One piece of the body (the hot path of a stream)."""
         if not data or self.head_only or self.conn.closed:
             return
         self.bytes_out += len(data)
-        if self.chunked:
+        if self._head:
+            head, self._head = self._head, b""
+            self.transport.write(head + (b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data))
+        elif self.chunked:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.transport.write(data)
@@ -148,6 +168,7 @@ class Responder:
         if self.finished:
             return
         self.finished = True
+        self._flush_head()
         if self.chunked and not self.conn.closed:
             self.transport.write(_LAST_CHUNK)
         self.conn.response_done(self)
@@ -413,7 +434,7 @@ class ServerConnection(asyncio.Protocol):
         self._head_size = 0
         req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
-        req.received_at = self.loop.time()
+        req.received_at = time.perf_counter()  # loop.time() has millisecond resolution under uvloop
         self.queue.append(req)
         if len(self.queue) > 32 and not self._reading_paused:
             # A client pipelining without reading: stop taking more until we catch up.
@@ -506,7 +527,7 @@ class UpstreamError(Exception):
 class Exchange:
     """One request/response on an upstream connection, fed by the connection's parser callbacks."""
 
-    __slots__ = ("status", "headers", "keep_alive", "head", "done", "sink", "_buffer", "framed", "bytes_in")
+    __slots__ = ("status", "headers", "keep_alive", "head", "done", "sink", "_buffer", "framed", "bytes_in", "on_head")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.status = 0
@@ -518,6 +539,9 @@ class Exchange:
         self.sink: Callable[[bytes], Any] = self._keep
         self.framed = False  # content-length or chunked (else: ends when the connection closes)
         self.bytes_in = 0
+        # Called from the parser as soon as the head is in, before any body piece of the same read:
+        # the response can start (and the sink be set) without waiting for a task to wake up.
+        self.on_head: Callable[[], None] | None = None
 
     def _keep(self, piece: bytes) -> None:
         self._buffer.append(piece)
@@ -603,6 +627,8 @@ class UpstreamConnection(asyncio.Protocol):
         for k, v in ex.headers:
             if k == b"content-length" or (k == b"transfer-encoding" and b"chunked" in v.lower()):
                 ex.framed = True
+        if ex.on_head is not None:
+            ex.on_head()
         if not ex.head.done():
             ex.head.set_result(None)
 

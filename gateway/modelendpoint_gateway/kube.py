@@ -35,12 +35,17 @@ FIELD_MANAGER = "modelendpoint-gateway"
 
 
 class Kube:
-    """List/watch source, Secret reader and annotation writer on one API client."""
+    """List/watch source, Secret reader and annotation writer on one API client.
+
+    Requests go through ``ApiClient`` with their paths (as the operator's
+    k8s.py does), not the generated ``CoreV1Api``/``CustomObjectsApi``
+    classes: importing those builds pydantic validators for about a thousand
+    methods, some 100 MiB of memory for the five calls made here. The watch
+    stream is the library's ``kubernetes.aio.watch.Watch``.
+    """
 
     def __init__(self, api: kclient.ApiClient) -> None:
         self.api = api
-        self.core = kclient.CoreV1Api(api)
-        self.custom = kclient.CustomObjectsApi(api)
 
     @classmethod
     async def connect(cls, pool_size: int = 32) -> Kube:
@@ -56,35 +61,49 @@ class Kube:
     async def close(self) -> None:
         await self.api.close()
 
+    async def _call(self, method: str, path: str, query: list[tuple[str, Any]] | None = None, *,
+                    body: Any = None, content_type: str | None = None, timeout: float = 30.0) -> Any:
+        """The raw aiohttp response (not read yet) of one request."""
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        params = await self.api.param_serialize(method=method, resource_path=path, query_params=query or [],
+                                                header_params=headers, body=body, auth_settings=["BearerToken"])
+        resp = await self.api.call_api(*params, _request_timeout=timeout, _preload_content=False)
+        return resp.response
+
+    async def _json(self, method: str, path: str, query: list[tuple[str, Any]] | None = None,
+                    **kw: Any) -> tuple[int, Any]:
+        resp = await self._call(method, path, query, **kw)
+        try:
+            body = await resp.read()
+        finally:
+            resp.release()
+        if resp.status >= 400 and resp.status != 404:
+            raise ApiException(status=resp.status, reason=resp.reason, body=body.decode("utf-8", "replace"))
+        return resp.status, (json.loads(body) if body else {})
+
     # --- list / watch -----------------------------------------------------------------------
 
-    def _list_fn(self, resource: str, namespace: str | None) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-        """(the list method that can watch, its positional arguments, extra keyword arguments)."""
+    @staticmethod
+    def collection(resource: str, namespace: str | None) -> tuple[str, list[tuple[str, Any]]]:
+        """The collection path of ``resource`` in scope, and the query it always carries."""
+        where = f"/namespaces/{namespace}" if namespace else ""
         if resource == ENDPOINTS:
-            if namespace:
-                return self.custom.list_namespaced_custom_object, (c.GROUP, c.VERSION, namespace, c.PLURAL), {}
-            return self.custom.list_cluster_custom_object, (c.GROUP, c.VERSION, c.PLURAL), {}
+            return f"/apis/{c.GROUP}/{c.VERSION}{where}/{c.PLURAL}", []
         if resource == PODS:
-            sel = {"label_selector": POD_SELECTOR}
-            if namespace:
-                return self.core.list_namespaced_pod, (namespace,), sel
-            return self.core.list_pod_for_all_namespaces, (), sel
+            return f"/api/v1{where}/pods", [("labelSelector", POD_SELECTOR)]
         raise ValueError(resource)
 
     async def list(self, resource: str, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
-        fn, args, kwargs = self._list_fn(resource, namespace)
-        raw = getattr(fn.__self__, fn.__name__ + "_without_preload_content")
+        path, query = self.collection(resource, namespace)
         items: list[dict[str, Any]] = []
         cont: str | None = None
         while True:
-            resp = await raw(*args, limit=LIST_PAGE, _continue=cont, _request_timeout=60.0, **kwargs)
-            try:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise ApiException(status=resp.status, reason=resp.reason, data=body)
-            finally:
-                resp.release()
-            data = json.loads(body)
+            q = query + [("limit", LIST_PAGE)] + ([("continue", cont)] if cont else [])
+            status, data = await self._json("GET", path, q, timeout=60.0)
+            if status == 404:
+                raise ApiException(status=404, reason=f"{path} not found (is the ModelEndpoint CRD installed?)")
             items.extend(data.get("items") or [])
             meta = data.get("metadata") or {}
             cont = meta.get("continue") or None
@@ -93,13 +112,27 @@ class Kube:
 
     async def watch(self, resource: str, namespace: str | None,
                     resource_version: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        fn, args, kwargs = self._list_fn(resource, namespace)
+        path, query = self.collection(resource, namespace)
+
+        async def watch_request(*, watch: bool, resource_version: str, allow_watch_bookmarks: bool,
+                                timeout_seconds: int, _request_timeout: float, _preload_content: bool) -> Any:
+            """One watch request of the collection; the Watch helper reads its event lines."""
+            q = query + [("watch", "true"), ("resourceVersion", resource_version),
+                         ("allowWatchBookmarks", "true" if allow_watch_bookmarks else "false"),
+                         ("timeoutSeconds", timeout_seconds)]
+            resp = await self._call("GET", path, q, timeout=_request_timeout)
+            if resp.status != 200:
+                body = await resp.read()
+                resp.release()
+                raise ApiException(status=resp.status, reason=resp.reason, body=body.decode("utf-8", "replace"))
+            return resp
+
         # The API server ends a watch after timeout_seconds; spread them like client-go does.
         timeout = random.randint(240, 360)
         w = kwatch.Watch(return_type="object")
         try:
-            stream = w.stream(fn, *args, resource_version=resource_version, allow_watch_bookmarks=True,
-                              timeout_seconds=timeout, _request_timeout=float(timeout + 30), **kwargs)
+            stream = w.stream(watch_request, resource_version=resource_version, allow_watch_bookmarks=True,
+                              timeout_seconds=timeout, _request_timeout=float(timeout + 30))
             async for event in stream:
                 yield str(event["type"]), event["raw_object"]
         except ApiException as exc:
@@ -114,34 +147,22 @@ class Kube:
     async def secret_data(self, namespace: str, name: str) -> Mapping[str, str] | None:
         """The decoded data of a Secret, or None when it does not exist."""
         try:
-            resp = await self.core.read_namespaced_secret_without_preload_content(name, namespace,
-                                                                                   _request_timeout=30.0)
-            try:
-                body = await resp.read()
-                if resp.status == 404:
-                    metrics.KEY_READS.labels("not_found").inc()
-                    return None
-                if resp.status != 200:
-                    raise ApiException(status=resp.status, reason=resp.reason, data=body)
-            finally:
-                resp.release()
+            status, data = await self._json("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
         except Exception:
             metrics.KEY_READS.labels("error").inc()
             raise
+        if status == 404:
+            metrics.KEY_READS.labels("not_found").inc()
+            return None
         metrics.KEY_READS.labels("ok").inc()
-        return decode_secret_data(json.loads(body))
+        return decode_secret_data(data)
 
     # --- the held annotation ---------------------------------------------------------------------
 
     async def annotate(self, namespace: str, name: str, key: str, value: str | None) -> bool:
         """Set (or with None remove) one annotation; False when the ModelEndpoint is gone."""
-        body = {"metadata": {"annotations": {key: value}}}
-        try:
-            await self.custom.patch_namespaced_custom_object(
-                c.GROUP, c.VERSION, namespace, c.PLURAL, name, body, field_manager=FIELD_MANAGER,
-                _content_type=MERGE, _request_timeout=10.0)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        path = f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{namespace}/{c.PLURAL}/{name}"
+        status, _ = await self._json("PATCH", path, [("fieldManager", FIELD_MANAGER)],
+                                     body={"metadata": {"annotations": {key: value}}}, content_type=MERGE,
+                                     timeout=10.0)
+        return status != 404

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -132,6 +133,10 @@ class Service:
     async def _mark_synced(self) -> None:
         await self.discovery.synced.wait()
         self.gateway.synced = True
+        # Everything loaded so far (modules, the first lists) lives as long as the process: keep it
+        # out of the garbage collector's full passes, whose pauses would land in streams' chunk gaps.
+        gc.collect()
+        gc.freeze()
 
     # --- the metrics listener -------------------------------------------------------------------------
 

