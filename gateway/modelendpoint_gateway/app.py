@@ -516,6 +516,26 @@ class Gateway:
             ex.set_sink(self._first_byte_sink(resp, ex, ctx))
 
         ex.on_head = on_head
+        timer: list[asyncio.TimerHandle] = []
+        if early:
+            # Keep the comments coming until the replica's first byte (a long prompt's prefill).
+            interval = self.settings.hold_keepalive_seconds
+
+            def tick() -> None:
+                if ctx.first_byte_at is None and not resp.finished and not resp.client_gone:
+                    resp.write(WAITING_COMMENT)
+                    timer[:] = [self.loop.call_later(interval, tick)]
+
+            timer.append(self.loop.call_later(interval, tick))
+        try:
+            return await self._exchange_body(req, resp, replica, conn, ex, ctx, can_retry, early)
+        finally:
+            for t in timer:
+                t.cancel()
+
+    async def _exchange_body(self, req: Request, resp: Responder, replica: Replica, conn: UpstreamConnection,
+                             ex: Exchange, ctx: Ctx, can_retry: bool,
+                             early: bool) -> tuple[int, Headers, bytes] | None:
         try:
             await ex.head
             if ex.status == 503 and can_retry:

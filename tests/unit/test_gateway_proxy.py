@@ -373,6 +373,33 @@ def test_a_held_stream_gets_headers_and_comments_then_the_answer(cluster, replic
     assert data[-1] == "data: [DONE]" and json.loads(data[0].removeprefix("data: "))["id"] == "a-0"
 
 
+def test_a_held_stream_keeps_getting_comments_until_the_replica_s_first_byte(cluster, replicas, started):
+    gate = threading.Event()
+    a = replica(replicas, "a")
+    a.gate = gate                      # the replica is ready but slow to answer (a long prefill)
+    serve(cluster, "ns", "sleepy", "m", autoscaling={"minReplicas": 0, "maxReplicas": 1})
+    gw = started(hold_keepalive_seconds=0.2)
+    lines: list[str] = []
+    with httpx.Client(timeout=30) as h, h.stream("POST", gw.url + "/v1/chat/completions",
+                                                  json=chat("m", stream=True)) as r:
+        it = r.iter_lines()
+        assert next(it) == ": waiting for the model"
+        cluster.put(pod_obj("sleepy-0", "ns", "sleepy", "127.0.0.1", a.port))
+        wait_for(lambda: a.in_flight == 1, timeout=5, interval=0.01, what="the request forwarded")
+        forwarded = time.monotonic()
+        for line in it:
+            lines.append(line)
+            if lines.count(": waiting for the model") == 4:
+                break
+        # At most one comment can predate the forward (the hold ends within milliseconds of the pod):
+        # the others came while the replica was working, 0.2 s apart.
+        assert time.monotonic() - forwarded >= 0.4
+        gate.set()
+        lines.extend(it)
+    data = [x for x in lines if x.startswith("data:")]
+    assert data[-1] == "data: [DONE]" and len(data) == 4
+
+
 def test_the_sdk_ignores_the_waiting_comments(cluster, replicas, started):
     a = replica(replicas, "a")
     serve(cluster, "ns", "sleepy", "m", autoscaling={"minReplicas": 0, "maxReplicas": 1})
