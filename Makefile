@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup testbed embedded-model node-deps cluster cluster-down dev dev-down \
+.PHONY: help setup testbed images embedded-model node-deps cluster cluster-down dev dev-down \
         test test-unit test-integration test-e2e bench-runtime bench-operator crds lock
 
 help: ## list the targets
@@ -20,6 +20,9 @@ setup: ## install everything into .venv/ (pinned; cached; idempotent)
 
 testbed: ## build etcd, kube-*, kubectl, kwok and helm from Go modules into the cache
 	@hack/build-testbed.sh >/dev/null
+
+images: setup testbed ## build the operator and runtime images from their Dockerfiles with buildah (cached by content)
+	@$(PY) hack/images/build.py
 
 embedded-model: setup ## convert the embedded SmolLM2 model once; prints its folder last
 	@$(PY) hack/embedded_model.py

@@ -1,13 +1,13 @@
 """`make dev`: the whole system on one machine, on the embedded model.
 
-1. starts the local control plane (hack/localcluster.py) with its kwok GPU nodes;
-2. starts the local node (hack/localnode.py), which runs pods bound to it as
-   local processes, and the local ingress (hack/localingress.py) on a loopback
-   port;
-3. installs the chart (CRD and operator) with `helm upgrade --install`, which
-   is `helm install` on a fresh control plane (the operator's pod lands on the
-   local node, so the operator runs with its ServiceAccount's token, as in a
-   cluster);
+1. starts the local control plane (hack/localcluster.py) with its kwok GPU nodes,
+   and the real node (hack/node: containerd, runc, CNI, kubelet, kube-proxy) with the
+   operator and runtime images built from the repository's Dockerfiles and loaded
+   into its containerd, and the embedded model's cache volume (hack/node/stack.py);
+2. starts the local ingress (hack/localingress.py) on a loopback port;
+3. installs the chart (CRD, operator, gateway) with `helm upgrade --install`, which
+   is `helm install` on a fresh control plane (the operator's pod runs in a real
+   container on the node, with its ServiceAccount's token, as in a cluster);
 4. applies samples/smollm2-cpu-local.yaml and waits for it to be Ready, with a
    progress line every 15 s;
 5. prints the OpenAI base URL and a snippet, then stays up until Ctrl-C or
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import localcluster
 from localcluster import ControlPlane, stop_pids
+from node import stack as node_stack
 
 REPO = localcluster.REPO_DIR
 VENV_BIN = Path(sys.executable).parent
@@ -47,8 +48,6 @@ INGRESS_HOST = "127.0.0.1"
 PROGRESS_INTERVAL = 15.0
 RELEASE = "modelendpoint-operator"
 OPERATOR_NAMESPACE = "modelendpoint-system"
-OPERATOR_IMAGE = "ghcr.io/modelendpoint/modelendpoint-operator"
-RUNTIME_IMAGE = "ghcr.io/modelendpoint/modelendpoint-runtime"
 
 
 def step(message: str) -> None:
@@ -57,19 +56,24 @@ def step(message: str) -> None:
 
 @dataclass
 class LocalStack:
-    """The local node and ingress processes beside a control plane."""
+    """The control plane and the real node (``node.stack``), and the local ingress beside them."""
 
-    cp: ControlPlane
+    nodes: node_stack.Stack
     work_dir: Path
     ingress_port: int
     pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cp(self) -> ControlPlane:
+        return self.nodes.cp
 
     @property
     def ingress_url(self) -> str:
         return f"http://127.0.0.1:{self.ingress_port}"
 
     def check_alive(self) -> None:
-        """Raise, with the tail of its log, if the local node or ingress has exited."""
+        """Raise, with the tail of its log, if the node or the local ingress has exited."""
+        self.nodes.check_alive()
         for name, pid in self.pids.items():
             if not localcluster._alive(pid):
                 tail = localcluster._tail(self.work_dir / f"{name}.log")
@@ -86,8 +90,11 @@ class LocalStack:
         raise TimeoutError(f"the local ingress did not listen on {self.ingress_url} within {timeout:.0f}s")
 
     def stop(self) -> None:
-        stop_pids(list(self.pids.values()), timeout=60)
-        self.pids.clear()
+        try:
+            stop_pids(list(self.pids.values()), timeout=60)
+            self.pids.clear()
+        finally:
+            self.nodes.stop()
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -162,52 +169,36 @@ def stop_running_dev(pidfile: Path, cmdline=read_cmdline, kill=os.kill) -> str:
     return f"asked `make dev` (pid {pid}) to stop"
 
 
-def start_local_stack(cp: ControlPlane, work_dir: Path, hf_home: Path,
-                      ingress_port: int | None = None) -> LocalStack:
-    """Start the local node and the local ingress against ``cp``."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    stack = LocalStack(cp, work_dir, ingress_port or localcluster.free_port())
-    py = str(VENV_BIN / "python")
-    node_argv = [
-        py, str(REPO / "hack" / "localnode.py"),
-        f"--kubeconfig={cp.kubeconfig}",
-        f"--work-dir={work_dir / 'pods'}",
-        f"--hf-home={hf_home}",
-        f"--entrypoint={OPERATOR_IMAGE}={VENV_BIN / 'modelendpoint-operator'}",
-        f"--entrypoint={RUNTIME_IMAGE}={VENV_BIN / 'modelendpoint-runtime'}",
-        # The CPU engine's KV cache comes out of RAM: keep it small on a laptop.
-        "--env=VLLM_CPU_KVCACHE_SPACE=1",
-        # This machine reaches no model hub: models load from the node's cache.
-        "--env=HF_HUB_OFFLINE=1",
-    ]
-    ingress_argv = [py, str(REPO / "hack" / "localingress.py"), f"--kubeconfig={cp.kubeconfig}",
-                    f"--port={stack.ingress_port}"]
-    for name, argv in (("localnode", node_argv), ("localingress", ingress_argv)):
-        log = open(work_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=str(REPO),
-                                preexec_fn=localcluster.die_with_starter)
-        log.close()
-        stack.pids[name] = proc.pid
+def start_local_stack(state_dir: Path, hf_home: Path, ingress_port: int | None = None,
+                      namespace: str = SAMPLE_NAMESPACE, bin_dir: Path | None = None) -> LocalStack:
+    """The control plane, the real node with the project's images and the embedded model's
+    volume (in ``namespace``), then the local ingress."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    nodes = node_stack.start(state_dir, hf_home=hf_home, bin_dir=bin_dir, model_namespace=namespace, step=step)
+    stack = LocalStack(nodes, state_dir, ingress_port or localcluster.free_port())
+    try:
+        argv = [str(VENV_BIN / "python"), str(REPO / "hack" / "localingress.py"), f"--kubeconfig={nodes.cp.kubeconfig}",
+                f"--port={stack.ingress_port}"]
+        with open(state_dir / "localingress.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=str(REPO), preexec_fn=localcluster.die_with_starter)
+        stack.pids["localingress"] = proc.pid
+    except BaseException:
+        stack.stop()
+        raise
     return stack
 
 
 def helm_install(cp: ControlPlane, *extra: str, check_alive=lambda: None) -> None:
-    """`helm upgrade --install` of the chart, waiting for the operator's pod.
+    """`helm upgrade --install` of the chart with its default values (the images are the
+    ones the node has loaded under the chart's names), waiting for the operator's pod.
 
     ``check_alive`` is called while helm waits: the operator's pod only starts
-    if the local node runs, so a dead local node ends the wait at once rather
-    than after helm's 5 minute timeout.
+    if the node runs, so a dead node ends the wait at once rather than after
+    helm's 5 minute timeout.
     """
-    health_port, metrics_port = localcluster.free_ports(2)
     argv = [str(cp.bin_dir / "helm"), "upgrade", "--install", RELEASE, str(CHART),
-            "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m",
-            "--set-json", 'nodeSelector={"modelendpoint.dev/local-runner":"true"}',
-            # The operator's pod runs on the host's network here: free ports for
-            # its health and metrics listeners, so nothing else on the machine clashes.
-            "--set", f"healthPort={health_port}",
-            "--set", f"metrics.port={metrics_port}",
-            *extra]
+            "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m", *extra]
     helm = subprocess.Popen(argv, env=cp.env(), stdout=sys.stderr)
     try:
         while helm.poll() is None:
@@ -338,12 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     on_signal = StopOnSignal()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cp = stack = None
+    stack = None
     try:
-        step("starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)")
-        cp = localcluster.start(state / "cluster")
-        step("starting the local node and the local ingress")
-        stack = start_local_stack(cp, state, embedded_model.hf_home(), args.ingress_port)
+        stack = start_local_stack(state, embedded_model.hf_home(), args.ingress_port)
+        cp = stack.cp
+        step("starting the local ingress")
         stack.wait_listening()
         step("installing the chart (CRD and operator) with `helm upgrade --install`")
         helm_install(cp, check_alive=stack.check_alive)
@@ -375,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         on_signal.stopping = True  # from here on, signals must not cut the clean-up short
         if stack:
             stack.stop()
-        if cp:
-            cp.stop()
         pidfile.unlink(missing_ok=True)
     return 0
 

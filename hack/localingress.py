@@ -2,18 +2,17 @@
 
 For `make dev` and the end-to-end tests. It reads Ingresses (any class) and their
 backend Services from the API server, and proxies each request whose path
-matches a rule (longest prefix first) to a ready pod of that Service,
-round-robin, streaming both ways. So a request takes the path a
-real cluster gives it, Ingress → Service → ready pod, with this process in the
-place of an ingress controller and kube-proxy. Host rules are matched when the
-request carries that Host header; rules without a host match any.
+matches a rule (longest prefix first) to that Service's cluster IP, streaming
+both ways; kube-proxy on the real node takes it from there to a ready pod. So a
+request takes the path a real cluster gives it, Ingress → Service → ready pod,
+with this process in the place of an ingress controller. Host rules are matched
+when the request carries that Host header; rules without a host match any.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import logging
 import sys
 from dataclasses import dataclass
@@ -60,49 +59,25 @@ def matches(route: Route, host: str, path: str) -> bool:
     return path == prefix or path.startswith(prefix + "/") or prefix == ""
 
 
-def target_port(target: int | str, container_ports: list) -> int | None:
-    """A Service targetPort (number, or a container port's name) → the port number."""
-    if isinstance(target, int) or str(target).isdigit():
-        return int(target)
-    return next((p.container_port for p in container_ports if p.name == target), None)
-
-
 class LocalIngress:
     def __init__(self) -> None:
         self.api = client.ApiClient()
         self.networking = client.NetworkingV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
-        self._rr = itertools.count()
         self.session: aiohttp.ClientSession | None = None
 
     def _routes(self) -> list[Route]:
         ings = self.networking.list_ingress_for_all_namespaces()
         return routes_from_ingresses([self.api.sanitize_for_serialization(i) for i in ings.items])
 
-    def _endpoints(self, route: Route) -> list[str]:
-        """The Service's ready pods as ``ip:port``, as the endpoint-slice controller lists them.
-
-        The local node's pod IPs are loopback addresses, which the API server
-        refuses in EndpointSlices, so the selection is done here instead: the
-        Service's selector, ready pods only, its targetPort resolved by name.
-        """
+    def _service_address(self, route: Route) -> str | None:
+        """The Service's cluster IP and port (the rule names the port by number or name)."""
         svc = self.core.read_namespaced_service(route.service, route.namespace)
-        sport = next(p for p in svc.spec.ports
-                     if p.port == route.port or (p.name and p.name == route.port))
-        selector = ",".join(f"{k}={v}" for k, v in (svc.spec.selector or {}).items())
-        if not selector:
-            return []
-        pods = self.core.list_namespaced_pod(route.namespace, label_selector=selector)
-        out = []
-        for pod in pods.items:
-            ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-            if not ready or not pod.status.pod_ip or pod.metadata.deletion_timestamp:
-                continue
-            port = target_port(sport.target_port or sport.port,
-                               [p for c in pod.spec.containers for p in c.ports or []])
-            if port:
-                out.append(f"{pod.status.pod_ip}:{port}")
-        return sorted(out)
+        port = next((p.port for p in svc.spec.ports
+                     if p.port == route.port or (p.name and p.name == route.port)), None)
+        if not svc.spec.cluster_ip or svc.spec.cluster_ip == "None" or port is None:
+            return None
+        return f"{svc.spec.cluster_ip}:{port}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         routes = await asyncio.to_thread(self._routes)
@@ -111,30 +86,39 @@ class LocalIngress:
             return web.json_response({"error": {"message": f"no Ingress rule matches {request.path}",
                                                 "type": "not_found", "param": None, "code": None}},
                                      status=404)
-        backends = await asyncio.to_thread(self._endpoints, route)
-        if not backends:
+        target = await asyncio.to_thread(self._service_address, route)
+        if target is None:
+            return web.json_response(
+                {"error": {"message": f"service {route.namespace}/{route.service} has no cluster IP and port",
+                           "type": "service_unavailable", "param": None, "code": None}},
+                status=503, headers={"Retry-After": "5"})
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        headers["X-Forwarded-For"] = request.remote or ""
+        assert self.session is not None
+        try:
+            async with self.session.request(request.method, f"http://{target}{request.rel_url}", headers=headers,
+                                            data=await request.read(), allow_redirects=False) as upstream:
+                response = web.StreamResponse(status=upstream.status, headers={
+                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS})
+                response.headers["X-Local-Ingress-Backend"] = target
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except aiohttp.ClientConnectorError:
+            # kube-proxy refuses connections to a Service without ready endpoints (nothing
+            # has been sent to the client yet: the connection is what failed).
             return web.json_response(
                 {"error": {"message": f"service {route.namespace}/{route.service} has no ready endpoints",
                            "type": "service_unavailable", "param": None, "code": None}},
                 status=503, headers={"Retry-After": "5"})
-        target = backends[next(self._rr) % len(backends)]
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        headers["X-Forwarded-For"] = request.remote or ""
-        assert self.session is not None
-        async with self.session.request(request.method, f"http://{target}{request.rel_url}",
-                                        headers=headers, data=await request.read(),
-                                        allow_redirects=False) as upstream:
-            response = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS})
-            response.headers["X-Local-Ingress-Backend"] = target
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
 
     async def serve(self, host: str, port: int) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        # A new connection per request: kube-proxy balances connections, not requests, so
+        # reused ones would pin every request to the pod behind the first.
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                                             connector=aiohttp.TCPConnector(force_close=True))
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         runner = web.AppRunner(app, access_log=None)

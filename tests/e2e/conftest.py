@@ -1,4 +1,5 @@
-"""End-to-end fixtures: a dedicated control plane with the local node, the local
+"""End-to-end fixtures: a dedicated control plane with the real node (containerd,
+kubelet, kube-proxy, the images built from the repository's Dockerfiles), the local
 ingress and the chart installed, as `make dev` runs them.
 
 The e2e tier gets its own control plane (about ten seconds to start) so that no
@@ -13,20 +14,15 @@ import pytest
 
 import dev
 import embedded_model
-import localcluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def e2e_cluster(testbed_bin: Path, embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("e2e")
-    cp = localcluster.start(state / "cluster", testbed_bin)
-    stack = None
+    stack = dev.start_local_stack(state, embedded_model.hf_home(), bin_dir=testbed_bin)
     try:
-        stack = dev.start_local_stack(cp, state, embedded_model.hf_home())
         stack.wait_listening()
-        dev.helm_install(cp, check_alive=stack.check_alive)
-        yield cp, stack
+        dev.helm_install(stack.cp, check_alive=stack.check_alive)
+        yield stack.cp, stack
     finally:
-        if stack:
-            stack.stop()
-        cp.stop()
+        stack.stop()

@@ -1,81 +1,54 @@
 """The whole system on one machine: ModelEndpoint → operator → pods → OpenAI SDK.
 
-Applies the embedded-model sample on a control plane where the chart's
-operator runs on the local node, then calls the model through the Ingress and
-Service the operator created, with the official OpenAI Python SDK.
+Applies the embedded-model sample on a control plane where the chart's operator
+runs in a real container on the real node, then calls the model through the
+Ingress and Service the operator created (kube-proxy balancing the Service's
+cluster IP over the ready pods), with the official OpenAI Python SDK.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
+import urllib.request
 
 import pytest
 import yaml
 from openai import OpenAI
 
 import dev
-from processes import proc_stat, running
 from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(1500)
 
 ROLE = "model"  # a non-default responseRole, so the test sees it come through
-RUNTIME_PORT = 8000  # the runtime container's port in the pods the operator writes
+METRICS_PORT = 9400  # the runtime container's metrics port in the pods the operator writes
 
 
 def _mep(cp, name, ns):
     return json.loads(cp.kubectl("get", "modelendpoint", name, "-n", ns, "-o", "json"))
 
 
-def _runtime_pod_ips(cp, name, ns) -> set[str]:
-    pods = json.loads(cp.kubectl("get", "pods", "-n", ns, "-o", "json"))["items"]
-    return {
-        p["status"]["podIP"]
-        for p in pods
-        if p["metadata"]["name"].startswith(name + "-") and p["status"].get("podIP")
-    }
+def _runtime_pods(cp, name, ns) -> dict[str, str]:
+    """Pod IP -> pod uid of the ModelEndpoint's runtime pods."""
+    pods = json.loads(cp.kubectl("get", "pods", "-n", ns, "-l", f"serving.modelendpoint.dev/endpoint={name}",
+                                 "-o", "json"))["items"]
+    return {p["status"]["podIP"]: p["metadata"]["uid"] for p in pods if p["status"].get("podIP")}
 
 
-def _proc_entries():
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            yield int(entry.name), entry
+def _requests_served(ip: str) -> float:
+    """Chat completions a replica answered, from its own metrics port (no key needed)."""
+    with urllib.request.urlopen(f"http://{ip}:{METRICS_PORT}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("modelendpoint_requests_total{") and "chat/completions" in line
+               and 'status="200"' in line)
 
 
-def _runtime_pids(ips: set[str]) -> dict[str, int]:
-    """Pod IP → PID of the runtime process the local node started for that pod.
-
-    Found in /proc: a ``modelendpoint-runtime`` process whose environment binds
-    ``HOST`` to the pod's IP and which leads its own process group (the local
-    node starts each container in a new session; the engine's workers share
-    the group but don't lead it).
-    """
-    found: dict[str, int] = {}
-    for pid, entry in _proc_entries():
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            pgid = os.getpgid(pid)
-        except (OSError, ProcessLookupError):
-            continue
-        if pid != pgid or b"modelendpoint-runtime" not in cmdline:
-            continue
-        for ip in ips:
-            if f"HOST={ip}".encode() in environ:
-                found[ip] = pid
-    return found
-
-
-def _live_members(pgids: set[int]) -> set[int]:
-    """Processes, other than zombies, still in any of the process groups ``pgids``."""
-    alive = set()
-    for pid, _ in _proc_entries():
-        stat = proc_stat(pid)
-        if stat is not None and stat[2] in pgids and running(pid):
-            alive.add(pid)
-    return alive
+def _containers_of(stack, pod_uids: set[str]) -> list[str]:
+    """The node's running containers (crictl) that belong to one of these pods."""
+    out = json.loads(stack.nodes.node.crictl("ps", "-o", "json"))
+    return [c["id"] for c in out.get("containers", [])
+            if c.get("labels", {}).get("io.kubernetes.pod.uid") in pod_uids]
 
 
 def test_modelendpoint_serves_through_ingress_scales_and_goes_away(e2e_cluster):
@@ -112,25 +85,21 @@ def test_modelendpoint_serves_through_ingress_scales_and_goes_away(e2e_cluster):
     cp.kubectl("scale", f"modelendpoint/{name}", "-n", ns, "--replicas=2")
     wait_for(lambda: _mep(cp, name, ns).get("status", {}).get("readyReplicas") == 2,
              timeout=600, what="two ready replicas", interval=2)
-    backends = set()
+    pods = _runtime_pods(cp, name, ns)
+    assert len(pods) == 2
+    before = {ip: _requests_served(ip) for ip in pods}
 
     def both_serve() -> bool:
-        raw = client.chat.completions.with_raw_response.create(
-            model=served, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
-        assert raw.parse().choices[0].message.role == ROLE
-        backends.add(raw.headers["x-local-ingress-backend"])
-        return len(backends) == 2
+        reply = client.chat.completions.create(model=served, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=2)
+        assert reply.choices[0].message.role == ROLE
+        return all(_requests_served(ip) > before[ip] for ip in pods)
 
-    wait_for(both_serve, timeout=120, what="answers from both replicas")
+    wait_for(both_serve, timeout=120, what="answers from both replicas (kube-proxy over the Service)")
 
-    ips = _runtime_pod_ips(cp, name, ns)
-    assert len(ips) == 2 and all(dev.port_accepts(ip, RUNTIME_PORT) for ip in ips)
-    pids = _runtime_pids(ips)
-    assert set(pids) == ips, f"runtime processes found by pod IP: {pids}"
+    assert len(_containers_of(stack, set(pods.values()))) == 2
     cp.kubectl("delete", f"modelendpoint/{name}", "-n", ns, "--wait=true")
-    wait_for(lambda: not any(dev.port_accepts(ip, RUNTIME_PORT) for ip in ips), timeout=180,
-             what="the runtime processes to stop listening", interval=1)
-    # Gone by PID, the engine's worker processes in their groups included.
-    wait_for(lambda: not _live_members(set(pids.values())), timeout=60,
-             what=f"the runtime processes {sorted(pids.values())} and their children to exit", interval=1)
-    wait_for(lambda: not _runtime_pod_ips(cp, name, ns), timeout=60, what="the pods to be gone")
+    # Their containers gone from the node (preStop, SIGTERM, the drain, within the grace period).
+    wait_for(lambda: not _containers_of(stack, set(pods.values())), timeout=180,
+             what="the runtime containers to stop", interval=1)
+    wait_for(lambda: not _runtime_pods(cp, name, ns), timeout=60, what="the pods to be gone")

@@ -13,41 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import dev
 import localingress
-import localnode
-import pytest
 from processes import running
 from waiting import wait_for
-
-
-@pytest.mark.parametrize(
-    "image, repo",
-    [
-        ("ghcr.io/x/runtime:0.1.0", "ghcr.io/x/runtime"),
-        ("ghcr.io/x/runtime", "ghcr.io/x/runtime"),
-        ("localhost:5000/runtime:dev", "localhost:5000/runtime"),
-        ("ghcr.io/x/runtime@sha256:abc", "ghcr.io/x/runtime"),
-    ],
-)
-def test_image_repository(image, repo):
-    assert localnode.image_repository(image) == repo
-
-
-def test_container_argv_uses_the_image_entrypoint_then_args_with_expansion():
-    container = {"image": "ghcr.io/x/runtime:1", "args": ["--port", "$(PORT)", "$(MISSING)"]}
-    argv = localnode.container_argv(container, {"ghcr.io/x/runtime": ["/venv/bin/rt"]}, {"PORT": "8000"})
-    assert argv == ["/venv/bin/rt", "--port", "8000", "$(MISSING)"]
-
-
-def test_container_argv_prefers_the_pod_command():
-    container = {"image": "ghcr.io/x/runtime:1", "command": ["python", "-m", "x"]}
-    assert localnode.container_argv(container, {}, {}) == ["python", "-m", "x"]
-
-
-def test_unknown_image_without_command_is_a_clear_error():
-    with pytest.raises(LookupError, match="no local entrypoint for image 'busybox:1'"):
-        localnode.container_argv({"image": "busybox:1"}, {}, {})
 
 
 def _ingress(ns, host, path, svc, port=80, path_type="Prefix"):
@@ -74,12 +45,6 @@ def test_routes_prefer_the_longest_prefix_and_respect_hosts():
     assert pick("models.example.com", "/v2/m2/openai/v1/models") == "m2"
     assert pick("127.0.0.1", "/v2/m1/openai/v10") == "short"  # prefix matches whole segments
     assert pick("127.0.0.1", "/other") is None
-
-
-def test_host_capacity_is_this_machine():
-    capacity = localnode.host_capacity()
-    assert capacity["cpu"] == str(os.cpu_count())
-    assert capacity["memory"].endswith("Ki") and int(capacity["memory"][:-2]) > 0
 
 
 def test_a_started_process_dies_with_its_starter_even_on_sigkill():
@@ -219,13 +184,20 @@ def test_make_dev_refuses_a_busy_ingress_port_in_one_line(tmp_path, monkeypatch,
     assert not (tmp_path / "dev").exists()  # nothing started, nothing written
 
 
+class _NodesAlive:
+    """node.stack.Stack's check seam: the control plane and the node are up."""
+
+    def check_alive(self) -> None:
+        pass
+
+
 def test_check_alive_names_the_dead_process_with_its_log(tmp_path):
     alive = subprocess.Popen(["sleep", "120"])
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / "localingress.log").write_text("starting\nOSError: [Errno 98] address already in use\n")
-    stack = dev.LocalStack(cp=None, work_dir=tmp_path, ingress_port=1,
-                           pids={"localnode": alive.pid, "localingress": dead.pid})
+    stack = dev.LocalStack(nodes=_NodesAlive(), work_dir=tmp_path, ingress_port=1,
+                           pids={"localingress": dead.pid, "other": alive.pid})
     try:
         with pytest.raises(RuntimeError, match=r"localingress exited(.|\n)*address already in use"):
             stack.check_alive()
@@ -278,9 +250,9 @@ def test_wait_ready_prints_progress_every_interval_even_without_change(capsys):
 
 def test_wait_ready_stops_when_a_process_of_the_stack_dies():
     def dead():
-        raise RuntimeError("localnode exited")
+        raise RuntimeError("kubelet exited")
 
-    with pytest.raises(RuntimeError, match="localnode exited"):
+    with pytest.raises(RuntimeError, match="kubelet exited"):
         dev.wait_ready(_FakeControlPlane(["Progressing"]), "m", "default", timeout=900,
                        check_alive=dead, sleep=lambda s: None)
 
@@ -304,7 +276,9 @@ case "$1" in
     done
     for i in 1 2 3 4 5 6; do echo "example.com/pkg$i" >&2; sleep 0.5; done
     if [ -n "${FAKE_GO_FAIL:-}" ]; then echo "./main.go:3:1: syntax error" >&2; exit 1; fi
-    for p in "${pkgs[@]}"; do [ "$p" = build ] || { touch "$out/$(basename "$p")"; chmod +x "$out/$(basename "$p")"; }; done ;;
+    for p in "${pkgs[@]}"; do
+      [ "$p" = build ] || { touch "$out/$(basename "$p")"; chmod +x "$out/$(basename "$p")"; }
+    done ;;
   *) echo "fake go: unexpected $*" >&2; exit 2 ;;
 esac
 """
@@ -369,17 +343,17 @@ def _fake_helm(tmp_path, script: str) -> _HelmOnlyControlPlane:
     return _HelmOnlyControlPlane(tmp_path)
 
 
-def test_helm_install_stops_waiting_when_the_local_node_dies(tmp_path):
+def test_helm_install_stops_waiting_when_the_node_dies(tmp_path):
     cp = _fake_helm(tmp_path, "exec sleep 300\n")  # helm --wait for a pod that never starts
     calls = []
 
     def dies_on_the_third_check():
         calls.append(1)
         if len(calls) == 3:
-            raise RuntimeError("localnode exited")
+            raise RuntimeError("kubelet exited")
 
     # Without the checks, helm_install would return normally after helm's 300 s.
-    with pytest.raises(RuntimeError, match="localnode exited"):
+    with pytest.raises(RuntimeError, match="kubelet exited"):
         dev.helm_install(cp, check_alive=dies_on_the_third_check)
 
 
@@ -396,7 +370,7 @@ def test_wait_listening_returns_once_the_ingress_listens_and_fails_fast_if_it_di
             s.bind(("127.0.0.1", 0))
             s.listen()
             port = s.getsockname()[1]
-            dev.LocalStack(cp=None, work_dir=tmp_path, ingress_port=port,
+            dev.LocalStack(nodes=_NodesAlive(), work_dir=tmp_path, ingress_port=port,
                            pids={"localingress": alive.pid}).wait_listening(timeout=5)
     finally:
         alive.kill()
@@ -405,7 +379,7 @@ def test_wait_listening_returns_once_the_ingress_listens_and_fails_fast_if_it_di
     dead.wait()
     # Without the check it would time out (TimeoutError), not name the dead process.
     with pytest.raises(RuntimeError, match="localingress exited"):
-        dev.LocalStack(cp=None, work_dir=tmp_path, ingress_port=port,
+        dev.LocalStack(nodes=_NodesAlive(), work_dir=tmp_path, ingress_port=port,
                        pids={"localingress": dead.pid}).wait_listening(timeout=30)
 
 
