@@ -445,17 +445,19 @@ class Gateway:
                 break
             ctx.attempts += 1
             ctx.replica = replica.id
-            try:
-                conn, reused = await self.pool.get(replica.host, replica.port)
-            except (TimeoutError, OSError) as exc:
-                logger.warning("replica unreachable", extra={"fields": {
-                    "model": model.served_name, "replica": replica.id, "error": str(exc) or type(exc).__name__}})
-                tried.append(replica)
-                m.retry("connect")
-                continue
+            # Counted from the choice on, before any await: a burst of requests must see each other.
             replica.in_flight += 1
             m.in_flight.inc()
             try:
+                try:
+                    conn, reused = await self.pool.get(replica.host, replica.port)
+                except (TimeoutError, OSError) as exc:
+                    logger.warning("replica unreachable", extra={"fields": {
+                        "model": model.served_name, "replica": replica.id,
+                        "error": str(exc) or type(exc).__name__}})
+                    tried.append(replica)
+                    m.retry("connect")
+                    continue
                 can_retry = ctx.attempts < s.max_attempts and any(
                     r is not replica and r not in tried for r in model.replicas)
                 outcome = await self._exchange(req, resp, model, replica, conn, ctx, can_retry)

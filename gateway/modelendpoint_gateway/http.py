@@ -270,7 +270,7 @@ class HTTPServer:
             self._sweeper.cancel()
             self._sweeper = None
 
-    def _request_finished(self) -> None:
+    def _request_finished(self, task: object = None) -> None:
         self.in_flight -= 1
         if self.in_flight <= 0:
             self._idle_event.set()
@@ -456,6 +456,9 @@ class ServerConnection(asyncio.Protocol):
         self.current = responder
         self.server.in_flight += 1
         self.task = self.loop.create_task(self._run(req, responder))
+        # A done callback, not a finally in _run: a task cancelled before its first step (the
+        # client left at once) never runs its body.
+        self.task.add_done_callback(self.server._request_finished)
 
     async def _run(self, req: Request, responder: Responder) -> None:
         try:
@@ -472,7 +475,6 @@ class ServerConnection(asyncio.Protocol):
             elif not responder.finished:
                 responder.abort()
         finally:
-            self.server._request_finished()
             if not responder.finished:
                 responder.end()
 
