@@ -1,11 +1,11 @@
-"""The README's table of ModelEndpoint fields → runtime variables, checked
-against the operator's own mapping (``manifests.container_env``), row by row.
+"""The README's table of the runtime's own variables and the ModelEndpoint fields that
+set them, checked against the operator's own mapping (``manifests.container_env``).
 
-Every row's field, set on a ModelEndpoint, must make the operator set that
-row's variables to the value the field implies; every variable the operator
-sets must have a row; and where the operator sets a variable without the
-field, its value must be the row's stated default. So the table cannot drift
-from the code unnoticed.
+Every row with a field must make the operator set that row's variables to the value
+the field implies; a fixed row's values must be what the operator always sets; every
+variable the operator sets must have a row (the typed engine fields by the one rule,
+which the table states once instead of repeating vLLM's options). So the table cannot
+drift from the code unnoticed.
 """
 
 from __future__ import annotations
@@ -20,36 +20,32 @@ import pytest
 from modelendpoint_operator import constants as c
 from modelendpoint_operator import manifests
 from modelendpoint_operator.settings import load_settings
+from modelendpoint_operator.spec import ENGINE_FIELDS_BY_RULE, Endpoint, engine_variable
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "### ModelEndpoint fields and the runtime variables they set"
 SETTINGS = load_settings({"MEP_OPERATOR_DEFAULT_RUNTIME_IMAGE": "reg.example/runtime:9"})
 
-# A value to set for each field the table names, and what the operator should
-# turn it into. A new row naming a field not here fails, asking for an example.
-EXAMPLES: dict[str, tuple[object, object]] = {
-    "model": ("org/other-model", "org/other-model"),
-    "servedModelName": ("chat", "chat"),
-    "responseRole": ("bot", "bot"),
-    "rawOpenAIOutput": (False, "0"),
-    "apiKeySecretRef": ({"name": "keys", "key": "api-key"}, {"secretKeyRef": {"name": "keys", "key": "api-key"}}),
-    "hfTokenSecretRef": ({"name": "hf", "key": "token"}, {"secretKeyRef": {"name": "hf", "key": "token"}}),
-    "engine.maxModelLen": (4096, "4096"),
-    "engine.dtype": ("bfloat16", "bfloat16"),
-    "engine.tensorParallelSize": (2, "2"),
-    "engine.gpuMemoryUtilization": (0.5, "0.5"),
-    "engine.quantization": ("awq", "awq"),
-    "engine.enforceEager": (True, "1"),
-    "engine.trustRemoteCode": (True, "1"),
-    "engine.maxNumSeqs": (8, "8"),
-    "engine.extraArgs": (["--enable-prefix-caching", "--x", "a b"],
-                         shlex.join(["--enable-prefix-caching", "--x", "a b"])),
-    "drainTimeoutSeconds": (45, "45"),
+# A value to set for each field the table names, and what the operator turns it into
+# (per variable, in the row's order). A new row naming a field not here fails, asking for one.
+EXAMPLES: dict[str, tuple[object, tuple[object, ...]]] = {
+    "model": ("org/other-model", ("org/other-model",)),
+    "servedModelName": ("chat", ("chat",)),
+    "responseRole": ("bot", ("bot",)),
+    "rawOpenAIOutput": (False, ("0",)),
+    "apiKeySecretRef": ({"name": "keys", "key": "api-key"}, (c.API_KEY_FILE,)),
+    "hfTokenSecretRef": ({"name": "hf", "key": "token"}, ({"secretKeyRef": {"name": "hf", "key": "token"}},)),
+    "engine.tensorParallelSize": (2, ("2",)),
+    "engine.chatTemplate": ({"inline": "{{ messages }}"}, ("{{ messages }}",)),
+    "task": ("embed", ("pooling", "embed")),
+    "adapters": ([{"name": "sql", "source": "org/sql"}], ("true", c.ADAPTERS_FILE)),
+    "engine.extraArgs": (["--seed", "1", "--x", "a b"], (shlex.join(["--seed", "1", "--x", "a b"]),)),
+    "drainTimeoutSeconds": (45, ("45",)),
 }
 
 
 def table_rows() -> list[dict]:
-    """The table's rows: variables, their stated defaults and the field (None if fixed)."""
+    """The table's rows: variables, stated defaults, the field (None: fixed or by hand)."""
     text = README.read_text()
     assert SECTION in text, f"the README lost its section {SECTION!r}"
     rows = []
@@ -65,7 +61,10 @@ def table_rows() -> list[dict]:
         rows.append({
             "vars": re.findall(r"`([A-Z][A-Z0-9_]*)`", cells[0]),
             "defaults": re.findall(r"`([^`]*)`", cells[1]),
-            "field": field.group(1) if field else None,
+            "fixed": (re.findall(r"`([^`]*)`", cells[2].split("fixed:", 1)[1].split(";", 1)[0])
+                      if "fixed:" in cells[2] else None),
+            "field": field.group(1) if field and not cells[2].startswith("(") else None,
+            "by_hand": cells[2].startswith("(by hand"),
             "line": line,
         })
     return rows
@@ -91,7 +90,7 @@ def with_field(obj: dict, path: str, value: object) -> dict:
 
 
 def env_of(obj: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in manifests.container_env(obj)}
+    return {e["name"]: e for e in manifests.container_env(Endpoint.from_body(obj))}
 
 
 def test_the_table_is_there_and_every_row_names_variables():
@@ -103,9 +102,12 @@ def test_the_table_is_there_and_every_row_names_variables():
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: ",".join(r["vars"]))
 def test_each_rows_field_sets_its_variables(row):
     field = row["field"]
-    if field is None:  # fixed by the operator: set, to the stated defaults
+    if row["fixed"] is not None:  # set by the operator whatever the spec says, to these values
         env = env_of(owner())
-        assert [env[v]["value"] for v in row["vars"]] == row["defaults"]
+        assert [env[v]["value"] for v in row["vars"]] == row["fixed"], row["line"]
+    elif row["by_hand"]:
+        env = env_of(owner(apiKeySecretRef={"name": "k", "key": "k"}))
+        assert not set(row["vars"]) & set(env), f"the operator sets {row['vars']}: not by hand only"
     elif field == "env":  # anything through spec.env reaches the runtime as is
         for var in row["vars"]:
             env = env_of(owner(env=[{"name": var, "value": "42"}]))
@@ -117,16 +119,24 @@ def test_each_rows_field_sets_its_variables(row):
         obj = owner()
         (var,) = row["vars"]
         path = env_of(obj)[var]["value"]
-        mounts = manifests.pod_template(obj, SETTINGS)["spec"]["containers"][0]["volumeMounts"]
+        mounts = manifests.pod_template(Endpoint.from_body(obj), SETTINGS)["spec"]["containers"][0]["volumeMounts"]
         assert any(path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
                    for m in mounts), f"{var}={path} is not on a mounted volume"
+    elif field == "engine.maxModelLen":  # the rule's row: its examples are typed fields, by the rule
+        examples = dict(zip(row["vars"], ("max_model_len", "enable_prefix_caching"), strict=True))
+        for var, name in examples.items():
+            assert name in ENGINE_FIELDS_BY_RULE and engine_variable(name) == var
+            spec_value = {"max_model_len": 4096, "enable_prefix_caching": False}[name]
+            alias = "maxModelLen" if name == "max_model_len" else "enablePrefixCaching"
+            assert env_of(owner(engine={alias: spec_value}))[var]["value"] == str(spec_value).lower()
     else:
         assert field in EXAMPLES, f"add an example value for {field!r} to EXAMPLES ({row['line']})"
         value, expected = EXAMPLES[field]
-        (var,) = row["vars"]
-        entry = env_of(with_field(owner(), field, value))[var]
-        got = entry.get("valueFrom") if isinstance(expected, dict) else entry.get("value")
-        assert got == expected, f"{field}={value!r} should set {var}={expected!r}, the operator sets {got!r}"
+        env = env_of(with_field(owner(), field, value))
+        for var, want in zip(row["vars"], expected, strict=True):
+            entry = env[var]
+            got = entry.get("valueFrom") if isinstance(want, dict) else entry.get("value")
+            assert got == want, f"{field}={value!r} should set {var}={want!r}, the operator sets {got!r}"
 
 
 def test_every_variable_the_operator_sets_has_a_row():
@@ -134,17 +144,8 @@ def test_every_variable_the_operator_sets_has_a_row():
     for field, (value, _) in EXAMPLES.items():
         everything = with_field(everything, field, value)
     documented = {v for row in ROWS for v in row["vars"]}
-    assert set(env_of(everything)) - documented == set()
-
-
-@pytest.mark.parametrize("row", [r for r in ROWS if r["field"] not in (None, "env")],
-                         ids=lambda r: ",".join(r["vars"]))
-def test_defaults_the_operator_sets_match_the_table(row):
-    """Without the field, a variable the operator still sets has the row's stated default."""
-    env = env_of(owner())
-    for var, default in zip(row["vars"], row["defaults"]):
-        if var in env and len(row["defaults"]) == len(row["vars"]) and "value" in env[var]:
-            assert env[var]["value"] == default, f"{var}: README says {default!r}"
+    rule = {engine_variable(name) for name in ENGINE_FIELDS_BY_RULE}
+    assert set(env_of(everything)) - documented - rule == set()
 
 
 def test_tensor_parallel_size_defaults_to_gpus_as_the_table_says():
