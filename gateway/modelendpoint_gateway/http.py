@@ -599,7 +599,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = ex
         self.got_bytes = False
         self.used += 1
-        self.parser = httptools.HttpResponseParser(self) if self.used > 1 else self.parser
         if body:
             self.transport.writelines((head, body))
         else:
@@ -630,7 +629,10 @@ class UpstreamConnection(asyncio.Protocol):
             if k == b"content-length" or (k == b"transfer-encoding" and b"chunked" in v.lower()):
                 ex.framed = True
         if ex.on_head is not None:
-            ex.on_head()
+            # Dropped before the call: the callback refers to the exchange, and a cycle would leave
+            # each request's objects to the garbage collector instead of reference counting.
+            on_head, ex.on_head = ex.on_head, None
+            on_head()
         if not ex.head.done():
             ex.head.set_result(None)
 

@@ -73,8 +73,9 @@ class Stream(asyncio.Protocol):
             self.gaps.append(now - self.prev)
         self.prev = now
         # A "data: " split across two reads is counted once: 5 bytes of tail hold no whole marker.
-        self.events += (self.tail + body).count(b"data: ")
-        self.tail = body[-5:]
+        seen = self.tail + body
+        self.events += seen.count(b"data: ")
+        self.tail = seen[-5:]
         if self.run.args.debug:
             self.pieces.append(body)
 
