@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: help setup testbed images embedded-model node-deps cluster cluster-down dev dev-down \
-        test test-unit test-integration test-e2e bench-runtime bench-operator crds lock
+        test test-unit test-integration test-e2e bench-runtime bench-gateway bench-operator crds lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ test-e2e: setup testbed embedded-model ## end-to-end tests only
 
 bench-runtime: setup embedded-model ## this runtime against vLLM's own OpenAI server, side by side
 	@$(PY) hack/bench_runtime.py
+
+bench-gateway: setup testbed ## the gateway against direct and vllm-router at 64, 256 and 1,024 streams
+	@$(PY) hack/bench_gateway.py
 
 bench-operator: setup testbed ## 1,000 ModelEndpoints on the local control plane
 	@$(PY) hack/bench_operator.py

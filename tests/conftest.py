@@ -21,7 +21,7 @@ import pytest
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
-pytest_plugins = ["fixtures_runtime", "fixtures_operator"]
+pytest_plugins = ["fixtures_runtime", "fixtures_operator", "fixtures_gateway"]
 
 _TIERS = ("unit", "integration", "e2e")
 CPU_NODE = "kwok-cpu-0"
