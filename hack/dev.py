@@ -198,7 +198,9 @@ def helm_install(cp: ControlPlane, *extra: str, check_alive=lambda: None) -> Non
     helm's 5 minute timeout.
     """
     argv = [str(cp.bin_dir / "helm"), "upgrade", "--install", RELEASE, str(CHART),
-            "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m", *extra]
+            "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m",
+            # The gateway behind the local ingress: one base URL for every model.
+            "--set", "gateway.ingress.enabled=true", *extra]
     helm = subprocess.Popen(argv, env=cp.env(), stdout=sys.stderr)
     try:
         while helm.poll() is None:
@@ -277,6 +279,11 @@ def snippet(base_url: str, model: str) -> str:
     )
 
 
+def gateway_url(stack: LocalStack) -> str:
+    """The gateway's OpenAI base URL through the local ingress (every model, by name)."""
+    return f"{stack.ingress_url}/openai/v1"
+
+
 def _state_dir() -> Path:
     return localcluster.default_cache_dir() / "dev"
 
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         cp = stack.cp
         step("starting the local ingress")
         stack.wait_listening()
-        step("installing the chart (CRD and operator) with `helm upgrade --install`")
+        step("installing the chart (CRD, operator, gateway) with `helm upgrade --install`")
         helm_install(cp, check_alive=stack.check_alive)
         step(f"applying {SAMPLE.relative_to(REPO)}")
         ns = SAMPLE_NAMESPACE
@@ -348,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nIn-cluster URL (status.url): {obj['status'].get('url')}")
         print(f"export KUBECONFIG={cp.kubeconfig}")
         print(f"export PATH={cp.bin_dir}:$PATH\n")
-        print(snippet(base_url, model) + "\n")
-        print(f"OpenAI base URL: {base_url}", flush=True)
+        print(snippet(gateway_url(stack), model) + "\n")
+        print(f"OpenAI base URL: {base_url}")
+        print(f"Gateway base URL: {gateway_url(stack)}", flush=True)
         step("up; Ctrl-C or `make dev-down` stops everything")
         while True:
             # Stay up while the stack does: a dead runner or ingress ends `make dev` loudly.

@@ -31,7 +31,7 @@ def helm(testbed_bin: Path, *args: str, check: bool = True) -> subprocess.Comple
     return proc
 
 
-def render(testbed_bin: Path, tmp_path: Path, values: dict | None = None) -> list[dict]:
+def render_all(testbed_bin: Path, tmp_path: Path, values: dict | None = None) -> list[dict]:
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     if values is not None:
         path = tmp_path / "values.yaml"
@@ -39,6 +39,15 @@ def render(testbed_bin: Path, tmp_path: Path, values: dict | None = None) -> lis
         args += ["--values", str(path)]
     out = helm(testbed_bin, *args).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def is_gateway(obj: dict) -> bool:
+    return (obj.get("metadata", {}).get("labels") or {}).get("app.kubernetes.io/name") == "modelendpoint-gateway"
+
+
+def render(testbed_bin: Path, tmp_path: Path, values: dict | None = None) -> list[dict]:
+    """The operator's objects (tests/unit/test_chart_gateway.py tests the gateway's)."""
+    return [o for o in render_all(testbed_bin, tmp_path, values) if not is_gateway(o)]
 
 
 def by_kind(objs: list[dict], kind: str) -> list[dict]:

@@ -57,3 +57,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "mep.clusterWide" -}}
 {{- if empty .Values.watchNamespaces }}true{{ end }}
 {{- end }}
+
+{{/* The gateway: its own name label, so that no selector of the operator's matches its pods. */}}
+{{- define "mep.gatewayName" -}}
+{{- printf "%s-gateway" (include "mep.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mep.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: modelendpoint-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "mep.gatewayLabels" -}}
+helm.sh/chart: {{ include "mep.chart" . }}
+{{ include "mep.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/part-of: modelendpoint
+{{- end }}
+
+{{- define "mep.gatewayServiceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "mep.gatewayName" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- required "gateway.serviceAccount.name is required when gateway.serviceAccount.create is false" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mep.gatewayImage" -}}
+{{- printf "%s:%s" (.Values.gateway.image.repository | default .Values.image.repository) (.Values.gateway.image.tag | default .Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
