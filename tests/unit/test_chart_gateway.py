@@ -8,9 +8,9 @@ the rules here must be exactly the ones the gateway's integration tests bind it 
 from __future__ import annotations
 
 import pytest
-from fixtures_gateway import GATEWAY_RULES
 from test_chart_render import NAMESPACE, RELEASE, by_kind, is_gateway, render_all, rules_of
 
+from fixtures_gateway import GATEWAY_RULES
 from modelendpoint_gateway.settings import load_settings
 
 NAME = f"{RELEASE}-modelendpoint-operator-gateway"
