@@ -21,6 +21,7 @@ engines never run at once.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,50 @@ ENDPOINT_ID = "ep-test-1"
 API_KEYS = ("sk-test-old-0123456789", "sk-test-new-9876543210")
 SERVED_NAME = "smollm2-135m-instruct"
 READY_TIMEOUT_S = 300.0
+# The LoRA adapter the shared server loads from ADAPTERS_FILE at start (made by
+# make_lora_adapter); the LoRA tests add and remove others while it serves.
+START_ADAPTER = "smol-lora-a"
+
+# The embedded model's chat template, plus tools in the Hermes layout the
+# `hermes` tool-call parser reads (<tools> in the system message, <tool_call>
+# for calls, <tool_response> for results): what `engine.chatTemplate` is for.
+# Without tools it renders exactly what the model's own template renders, so
+# every other test sees the same prompts (tests/unit/test_runtime_apis.py checks).
+TOOLS_CHAT_TEMPLATE = (
+    "{%- set default_system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' -%}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\n' }}"
+    "{{ messages[0]['content'] if messages[0]['role'] == 'system' else default_system }}"
+    "{{ '\n\n# Tools\n\nYou may call the functions below. Their signatures are within <tools></tools> '"
+    " 'XML tags:\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\n' }}{{ tool | tojson }}{% endfor -%}"
+    "{{ '\n</tools>\n\nFor a function call, return a JSON object with the function name and arguments within '"
+    " '<tool_call></tool_call> XML tags:\n<tool_call>\n'"
+    " '{\"name\": <function-name>, \"arguments\": <args-json-object>}\n'"
+    " '</tool_call><|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' and not tools -%}"
+    "{{ '<|im_start|>system\n' + default_system + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- if loop.first and message['role'] == 'system' and tools -%}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set arguments = call['function']['arguments'] -%}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{{ arguments | tojson if arguments is mapping else arguments }}{{ '}\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
 
 # The shared server's configuration (besides MODEL_NAME, PORT, METRICS_PORT and
 # API_KEY_FILE, set by start_runtime): small limits make the 413/400/503/408
@@ -68,6 +113,17 @@ RUNTIME_TEST_ENV = {
     "RETRY_AFTER_SECONDS": "2",
     "DRAIN_TIMEOUT_SECONDS": "300",  # room for the drain test's long stream on a slow machine
     "LOG_LEVEL": "info",
+    # Issue 14's features on the same engine: tool calling with auto choice
+    # (the hermes parser, the template above inline as the operator passes
+    # engine.chatTemplate.inline), LoRA adapters from ADAPTERS_FILE (set by
+    # start_runtime), re-read every second.
+    "TOOL_CALL_PARSER": "hermes",
+    "ENABLE_AUTO_TOOL_CHOICE": "true",
+    "CHAT_TEMPLATE": TOOLS_CHAT_TEMPLATE,
+    "ENABLE_LORA": "true",
+    "MAX_LORA_RANK": "8",
+    "MAX_LORAS": "2",
+    "ADAPTERS_POLL_SECONDS": "1",
     # vLLM on the CPU: a small KV cache; no usage reporting from tests.
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_NO_USAGE_STATS": "1",
@@ -92,6 +148,7 @@ class RuntimeServer:
     api_keys: tuple[str, ...] = API_KEYS
     env: dict[str, str] = field(default_factory=dict)
     log_file: Any = None
+    adapters_file: Path | None = None
 
     @property
     def root_url(self) -> str:
@@ -127,6 +184,19 @@ class RuntimeServer:
         r.raise_for_status()
         return r.text
 
+    def write_adapters(self, adapters: list[dict[str, str]]) -> None:
+        """Replace ADAPTERS_FILE's list the way the kubelet updates a ConfigMap volume (atomically)."""
+        assert self.adapters_file is not None
+        new = self.adapters_file.with_name(self.adapters_file.name + ".new")
+        new.write_text(json.dumps(adapters))
+        new.replace(self.adapters_file)
+
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """GET /adapters on METRICS_PORT (no key), by adapter name."""
+        r = httpx.get(f"http://127.0.0.1:{self.metrics_port}/adapters", timeout=10)
+        r.raise_for_status()
+        return {entry["name"]: entry for entry in r.json()["adapters"]}
+
     def write_keys(self, content: str) -> None:
         """Replace the key file's content the way the kubelet updates a Secret volume (atomically)."""
         assert self.key_file is not None
@@ -149,21 +219,26 @@ class RuntimeServer:
 
 
 def start_runtime(
-    model_dir: Path, log_path: Path, extra_env: dict[str, str | None] | None = None
+    model_dir: Path, log_path: Path, extra_env: dict[str, str | None] | None = None,
+    adapters: list[dict[str, str]] | None = None,
 ) -> RuntimeServer:
     """Start a runtime process and wait until /ready answers 200.
 
-    Keys come from a key file beside the log (both of API_KEYS); an
-    ``extra_env`` value of None removes that variable (``API_KEY_FILE: None``:
-    no auth).
+    Keys come from a key file beside the log (both of API_KEYS), LoRA
+    adapters from an adapters file beside it (``adapters``, empty by default,
+    as the operator writes spec.adapters); an ``extra_env`` value of None
+    removes that variable (``API_KEY_FILE: None``: no auth).
     """
     port, metrics_port = free_ports(2)
     key_file = log_path.with_name("api-keys")
     key_file.write_text(",".join(API_KEYS) + "\n")
+    adapters_file = log_path.with_name("adapters.json")
+    adapters_file.write_text(json.dumps(adapters or []))
     env = dict(os.environ)
     env.update(RUNTIME_TEST_ENV)
     env.update({"MODEL_NAME": str(model_dir), "HOST": "127.0.0.1", "PORT": str(port),
-                "METRICS_PORT": str(metrics_port), "API_KEY_FILE": str(key_file)})  # fmt: skip
+                "METRICS_PORT": str(metrics_port), "API_KEY_FILE": str(key_file),
+                "ADAPTERS_FILE": str(adapters_file)})  # fmt: skip
     for name, value in (extra_env or {}).items():
         if value is None:
             env.pop(name, None)
@@ -179,7 +254,8 @@ def start_runtime(
     )
     server = RuntimeServer(process=process, port=port, log_path=log_path, env=env, log_file=log_file,
                            metrics_port=int(env["METRICS_PORT"]) if env.get("METRICS_PORT") else None,
-                           key_file=key_file if env.get("API_KEY_FILE") else None)  # fmt: skip
+                           key_file=key_file if env.get("API_KEY_FILE") else None,
+                           adapters_file=adapters_file if env.get("ADAPTERS_FILE") else None)  # fmt: skip
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -214,9 +290,11 @@ def runtime_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     # one failed start (up to READY_TIMEOUT_S) is enough.
     if _start_failure:
         pytest.fail(f"(the runtime already failed to start in this session)\n{_start_failure[0]}", pytrace=False)
-    log_path = tmp_path_factory.mktemp("runtime") / "runtime.log"
+    folder = tmp_path_factory.mktemp("runtime")
+    log_path = folder / "runtime.log"
     try:
-        server = start_runtime(embedded_model_dir, log_path)
+        adapter = make_lora_adapter(embedded_model_dir, folder / START_ADAPTER, seed=1)
+        server = start_runtime(embedded_model_dir, log_path, adapters=[{"name": START_ADAPTER, "source": str(adapter)}])
     except RuntimeError as exc:
         _start_failure.append(str(exc))
         pytest.fail(str(exc), pytrace=False)
@@ -225,6 +303,25 @@ def runtime_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFa
         yield server
     finally:
         server.stop()
+
+
+def make_lora_adapter(model_dir: Path, out: Path, seed: int, rank: int = 8) -> Path:
+    """A LoRA adapter for the embedded model, made with PEFT: random non-zero weights (so greedy
+    output differs from the base model's), rank ``rank`` on the attention's q and v projections.
+
+    Only the base model's shapes matter, so it is built from its config
+    without reading its weights.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights=False)  # fmt: skip (False: random B as well as A, not zeros)
+    get_peft_model(model, config).save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="session")

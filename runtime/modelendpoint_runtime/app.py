@@ -9,8 +9,14 @@ shapes whatever comes back:
   listener's routes (``/metrics``, ``/health``, ``/ready``, no key). Pure ASGI
   rather than Starlette's BaseHTTPMiddleware, which would re-buffer streamed
   responses and add latency to every token;
-* routes under ``/openai/v1``, ``/v1`` and ``/v2/{endpoint_id}/openai/v1``;
+* routes under ``/openai/v1``, ``/v1`` and ``/v2/{endpoint_id}/openai/v1``:
+  the guide's chat and text completions and models, and the APIs of
+  ``apis.APIS`` (Responses, Anthropic Messages, embeddings, score, rerank,
+  classify, tokenize, detokenize), each vLLM's own serving object;
 * every error in OpenAI's shape (``errors.APIError``), never FastAPI's 422;
+  on the Messages routes in Anthropic's (``errors.anthropic_body``);
+* model names: the served one, and the LoRA adapters of ADAPTERS_FILE once
+  loaded (``adapters.Adapters``, reported on ``GET /adapters``);
 * a generation request is read (within READ_TIMEOUT_SECONDS, else 408) and
   checked whole before it takes an admission slot, so slow or invalid
   clients hold none; admission counts sequences (``limits.sequences``);
@@ -35,10 +41,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import errors
+from . import apis, errors
+from .adapters import FAILED, LOADING, Adapters
 from .admission import Admission
+from .apis import APIS, Api, dialect_of, usage_of
 from .auth import PUBLIC_PATHS, KeyRing, bearer_token, key_matches, watch_key_file
-from .errors import APIError, clip
+from .errors import OPENAI, APIError, clip
 from .limits import (
     Limits,
     Plan,
@@ -54,17 +62,17 @@ from .logs import LOGGER_NAME, request_fields
 from .metrics import Metrics
 from .server import INFO_KEY, READ_DEADLINE
 from .settings import ConfigError, RuntimeSettings
-from .streaming import MEDIA_TYPES, Reframer, choose_format, is_token_frame
+from .streaming import MEDIA_TYPES, EventStream, Reframer, choose_format, is_token_frame, mirror_reasoning
 
 PREFIXES = ("/openai/v1", "/v1", "/v2/{endpoint_id}/openai/v1")
 _KNOWN_ROUTES = frozenset(
-    [p + s for p in PREFIXES for s in ("/chat/completions", "/completions", "/models")]
-    + ["/health", "/ready", "/metrics"]
+    [p + s for p in PREFIXES for s in (*(api.suffix for api in APIS.values()), "/models")]
+    + ["/health", "/ready", "/metrics", "/adapters"]
 )
 _INFO = INFO_KEY  # scope key where a handler leaves details for the log line
 _ROUTE = "modelendpoint.route"  # scope key: the request's route label, computed once by Guard
 # What the METRICS_PORT listener serves (without a key).
-METRICS_PORT_PATHS = frozenset({"/metrics", "/health", "/ready"})
+METRICS_PORT_PATHS = frozenset({"/metrics", "/health", "/ready", "/adapters"})
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -91,7 +99,8 @@ class Runtime:
     """Everything the routes share: settings, engine, admission, metrics."""
 
     def __init__(
-        self, settings: RuntimeSettings, metrics: Metrics | None = None, keyring: KeyRing | None = None
+        self, settings: RuntimeSettings, metrics: Metrics | None = None, keyring: KeyRing | None = None,
+        adapters: Adapters | None = None,
     ) -> None:
         self.settings = settings
         self.served = settings.served_model_name
@@ -115,6 +124,9 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loading = False  # the engine load is under way
         self.stopping = False  # shutting down: a failing load is a cancelled one, not a fatal error
+        # main passes the one that read ADAPTERS_FILE at start.
+        self.adapters = adapters or Adapters(settings.adapters_file, self.served, settings.adapters_poll_seconds, log)
+        self.adapter_task: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -169,12 +181,12 @@ class _TicketedStream(StreamingResponse):
             self.ticket.release()
 
 
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
+def _error_response(err: APIError, dialect: str = OPENAI) -> JSONResponse:
+    return JSONResponse(errors.dialect_body(err, dialect), status_code=err.status, headers=err.headers or None)
 
 
-async def _send_error(send: Send, err: APIError) -> None:
-    body = json.dumps(err.body()).encode()
+async def _send_error(send: Send, err: APIError, dialect: str = OPENAI) -> None:
+    body = json.dumps(errors.dialect_body(err, dialect)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -226,7 +238,7 @@ class Guard:
             err = self._precheck(scope, path)
             if err is not None:
                 info.setdefault("error_code", err.code)
-                await _send_error(send_wrapper, err)
+                await _send_error(send_wrapper, err, dialect_of(path))
                 return
             await self.app(scope, self._limited(receive), send_wrapper)
         finally:
@@ -245,7 +257,8 @@ class Guard:
         if ring.required and path not in PUBLIC_PATHS:
             if not ring.keys:  # API_KEY_FILE turned unusable: fail closed
                 return errors.keys_unavailable(rt.settings.retry_after_seconds)
-            token = bearer_token(_header(scope, b"authorization"))
+            # The Anthropic SDK sends its key as x-api-key; the OpenAI SDKs as a bearer token.
+            token = bearer_token(_header(scope, b"authorization")) or _header(scope, b"x-api-key")
             if not key_matches(token, ring.keys):
                 return errors.invalid_api_key(present=token is not None)
         length = _header(scope, b"content-length")
@@ -310,6 +323,8 @@ def create_app(
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if runtime.adapter_task is not None:
+                runtime.adapter_task.cancel()
             runtime.stopping = True
             if not task.done():
                 await _cancel_load(task, cancel_load)
@@ -371,11 +386,16 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    async def chat_completions(request: Request) -> Response:
-        return await _generate(runtime, request, "chat")
+    @app.get("/adapters", include_in_schema=False)
+    async def adapters() -> Response:
+        return JSONResponse(runtime.adapters.report())
 
-    async def completions(request: Request) -> Response:
-        return await _generate(runtime, request, "completion")
+    def endpoint(api: Api) -> Callable[[Request], Awaitable[Response]]:
+        async def serve(request: Request) -> Response:
+            return await _generate(runtime, request, api)
+
+        serve.__name__ = api.name  # FastAPI's operation ids
+        return serve
 
     async def list_models(request: Request) -> Response:
         return await _models(runtime, request, None)
@@ -384,8 +404,8 @@ def create_app(
         return await _models(runtime, request, model)
 
     for prefix in PREFIXES:
-        app.add_api_route(prefix + "/chat/completions", chat_completions, methods=["POST"])
-        app.add_api_route(prefix + "/completions", completions, methods=["POST"])
+        for api in APIS.values():
+            app.add_api_route(prefix + api.suffix, endpoint(api), methods=["POST"])
         app.add_api_route(prefix + "/models", list_models, methods=["GET"])
         app.add_api_route(prefix + "/models/{model:path}", retrieve_model, methods=["GET"])
 
@@ -430,6 +450,14 @@ async def _load(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> None
             log.error("engine failed to start", exc_info=exc)
             runtime.fatal = f"the engine failed to start: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     else:
+        if runtime.adapters.path is not None:
+            # Before /ready: a replica serves the current adapters from its first request.
+            models = engine.state.openai_serving_models
+            try:
+                await runtime.adapters.reconcile(models)
+            except Exception as exc:  # noqa: BLE001 - the watch retries; the model itself serves
+                log.error("adapters reconcile failed", exc_info=exc)
+            runtime.adapter_task = asyncio.create_task(runtime.adapters.watch(models))
         runtime.loading = False
         runtime.engine = engine
         if not runtime.admission.draining:
@@ -477,37 +505,40 @@ async def _models(runtime: Runtime, request: Request, model: str | None) -> Resp
 
 def _model_card(card: dict[str, Any]) -> dict[str, Any]:
     # `root` is where the weights live (a path inside the pod): not the
-    # client's business. The rest is vLLM's card.
+    # client's business. `parent` names the served model on an adapter's card
+    # (vLLM's null on the model's own is left out). The rest is vLLM's card.
     card.pop("root", None)
-    card.pop("parent", None)
+    if card.get("parent") is None:
+        card.pop("parent", None)
     card["owned_by"] = "modelendpoint"
     return card
 
 
-async def _generate(runtime: Runtime, request: Request, kind: str) -> Response:
+async def _generate(runtime: Runtime, request: Request, api: Api) -> Response:
     info: dict[str, Any] = request.scope.setdefault(_INFO, {})
     start = time.perf_counter()
+    dialect = api.dialect
     err = _endpoint_error(runtime, request) or _unavailable(runtime)
     if err is not None:
         info["error_code"] = err.code
-        return _error_response(err)
+        return _error_response(err, dialect)
     # Everything that needs no engine happens before a slot is taken: a slow
     # body, or an invalid request, holds none.
-    prepared = await _prepare(runtime, request, kind, info)
+    prepared = await _prepare(runtime, request, api, info)
     if isinstance(prepared, APIError):
         info["error_code"] = prepared.code
-        return _error_response(prepared)
+        return _error_response(prepared, dialect)
     if not runtime.admission.try_acquire(prepared.weight):
         retry = runtime.settings.retry_after_seconds
         err = errors.draining(retry) if runtime.admission.draining else errors.overloaded(retry)
         runtime.metrics.child(runtime.metrics.rejected, err.code or "overloaded").inc()
         info["error_code"] = err.code
-        return _error_response(err)
+        return _error_response(err, dialect)
     ticket = _Ticket(runtime, prepared.weight)
     streaming = False
     try:
-        response = await _dispatch(runtime, request, kind, info, ticket, start, prepared)
-        streaming = isinstance(response, StreamingResponse)
+        response = await _dispatch(runtime, request, api, info, ticket, start, prepared)
+        streaming = isinstance(response, _TicketedStream)
         return response
     finally:
         if not streaming:
@@ -569,31 +600,57 @@ class _Prepared:
         self.weight = weight
 
 
-async def _prepare(runtime: Runtime, request: Request, kind: str, info: dict[str, Any]) -> _Prepared | APIError:
-    prompt_param = "messages" if kind == "chat" else "prompt"
+def _check_model(runtime: Runtime, api: Api, model: Any) -> APIError | None:
+    """The served name, or a LoRA adapter vLLM serves; an adapter still loading is a 503, a failed one 404."""
+    if model is None and not api.model_required:
+        return None  # vLLM's extensions (tokenize, score, ...) default to the served model
+    err = check_model(model, runtime.served)
+    if err is None or err.status != 404:
+        return err
+    models = runtime.engine.state.openai_serving_models
+    if model in getattr(models, "lora_requests", {}):
+        return None
+    status = runtime.adapters.state_of(model)
+    if status is not None and status.state == LOADING:
+        return errors.adapter_loading(model, runtime.settings.retry_after_seconds)
+    if status is not None and status.state == FAILED:
+        return errors.adapter_failed(model)
+    return err
+
+
+async def _prepare(runtime: Runtime, request: Request, api: Api, info: dict[str, Any]) -> _Prepared | APIError:
+    kind = api.name
     body = await _parse_body(runtime, request)
     if isinstance(body, APIError):
         return body
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
     model = body.get("model")
     info["model"] = clip(model) if isinstance(model, str) else None
-    if (err := check_model(model, runtime.served)) is not None:
+    if (err := _check_model(runtime, api, model)) is not None:
         return err
+    engine = runtime.engine
+    if getattr(engine.state, api.state, None) is None:
+        name = model if isinstance(model, str) else runtime.served
+        return errors.unsupported_task(name, api.title, apis.describe_model(getattr(engine, "tasks", ())))
     if runtime.settings.log_prompts:
-        info["prompt"] = body.get(prompt_param)
-    if (err := check_shape(body, kind, runtime.limits)) is not None:
+        info["prompt"] = body.get(api.prompt_param)
+    if kind in ("chat", "completion"):
+        err = check_shape(body, kind, runtime.limits)
+    else:
+        err = apis.check_api_shape(api, body, runtime.limits)
+    if err is not None:
         return err
+    if runtime.settings.tool_strict_default:
+        apis.default_strict_tools(kind, body)
 
-    model_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
-        req = model_cls.model_validate(body)
+        req = apis.validate(api, body)
     except ValidationError as exc:
         return _validation_error(exc)
     except Exception as exc:  # noqa: BLE001 - vLLM validators raise their own errors
-        return _classify_exception(exc, prompt_param, runtime.settings.retry_after_seconds)
+        return _classify_exception(exc, api.prompt_param, runtime.settings.retry_after_seconds)
 
+    if kind not in ("chat", "completion"):
+        return _Prepared(req, Plan(), {}, apis.weight(api, body))
     plan = check_caps(req, runtime.limits, kind)
     if isinstance(plan, APIError):
         return plan
@@ -607,69 +664,99 @@ async def _prepare(runtime: Runtime, request: Request, kind: str, info: dict[str
     return _Prepared(req, plan, ranking_fields, weight)
 
 
+def _call(state: Any, api: Api) -> Callable[[Any, Request], Awaitable[Any]]:
+    """The vLLM serving coroutine for an API (what vLLM's own route handler awaits)."""
+    handler = getattr(state, api.state)
+    return {
+        "chat": lambda: handler.create_chat_completion,
+        "completion": lambda: handler.create_completion,
+        "responses": lambda: handler.create_responses,
+        "messages": lambda: handler.create_messages,
+        "count_tokens": lambda: handler.count_tokens,
+        "tokenize": lambda: handler.create_tokenize,
+        "detokenize": lambda: handler.create_detokenize,
+    }.get(api.name, lambda: handler)()  # the pooling serving objects are called directly
+
+
+def _dump(api: Api, result: Any) -> dict[str, Any]:
+    """A vLLM response object as the body vLLM's own route sends."""
+    if api.name == "responses":
+        return result.model_dump(mode="json", by_alias=True)
+    if api.dialect == errors.ANTHROPIC:
+        return result.model_dump(exclude_none=True)
+    return result.model_dump()
+
+
 async def _dispatch(
-    runtime: Runtime, request: Request, kind: str, info: dict[str, Any], ticket: _Ticket, start: float,
+    runtime: Runtime, request: Request, api: Api, info: dict[str, Any], ticket: _Ticket, start: float,
     prepared: _Prepared,
 ) -> Response:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    prompt_param = "messages" if kind == "chat" else "prompt"
+    kind, prompt_param, dialect = api.name, api.prompt_param, api.dialect
     retry_after = runtime.settings.retry_after_seconds
     req, plan, ranking_fields = prepared.req, prepared.plan, prepared.ranking_fields
-    stream = bool(req.stream)
+    stream = api.streams and bool(req.stream)
     info["stream"] = stream
-
-    state = runtime.engine.state
-    handler = state.openai_serving_chat if kind == "chat" else state.openai_serving_completion
-    call = handler.create_chat_completion if kind == "chat" else handler.create_completion
+    call = _call(runtime.engine.state, api)
 
     if stream:
         try:
             result = await call(req, request)
         except Exception as exc:  # noqa: BLE001
-            return _failed(exc, prompt_param, info, retry_after)
+            return _failed(exc, api, info, retry_after)
     else:
         result = await _until_disconnect(call(req, request), request)
         if result is _DISCONNECTED:
             info["error_code"] = "client_closed_request"
             return Response(status_code=499)
         if isinstance(result, BaseException):
-            return _failed(result, prompt_param, info, retry_after)
+            return _failed(result, api, info, retry_after)
 
     if isinstance(result, ErrorResponse):
         err = errors.engine_error_from_body(result.error.code, result.model_dump(), prompt_param, retry_after)
         if err.status >= 500:
             log.error("engine error", extra={"fields": {"detail": result.error.message[:500]}})
         info["error_code"] = err.code
-        return _error_response(err)
+        return _error_response(err, dialect)
+
+    if isinstance(result, Response):
+        # The pooling APIs answer with a finished response (JSON, or vLLM's binary encodings).
+        _record_pooling_usage(runtime, request, info, result)
+        runtime.metrics.child(runtime.metrics.ttft, _route(request), "false").observe(time.perf_counter() - start)
+        return result
 
     if not stream:
-        content = result.model_dump()
+        content = _dump(api, result)
         if plan.rank and plan.keep_n is not None:
             content = rank_choices(content, plan.keep_n, kind, keep_logprobs=not ranking_fields, group=plan.engine_n)
         elif plan.keep_n is not None:
             content = trim_choices(content, plan.keep_n, group=plan.engine_n)
-        usage = content.get("usage") or {}
-        _record_usage(runtime, request, info, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        if kind == "chat":
+            mirror_reasoning(content)
+        _record_usage(runtime, request, info, *usage_of(api, content))
         elapsed = time.perf_counter() - start
         runtime.metrics.child(runtime.metrics.ttft, _route(request), "false").observe(elapsed)
         return JSONResponse(content)
 
+    if api.events:
+        gen = _event_stream(runtime, request, result, api, info, ticket, start)
+        return _TicketedStream(gen, ticket, MEDIA_TYPES["sse"])
     fmt = choose_format(runtime.settings.raw_openai_output, request.headers.get("accept"))
-    reframer = Reframer(fmt, prompt_param, retry_after)
+    reframer = Reframer(fmt, prompt_param, retry_after, mirror=kind == "chat")
     gen = _stream(runtime, request, result, reframer, kind, info, ticket, start)
     return _TicketedStream(gen, ticket, MEDIA_TYPES[fmt])
 
 
-def _failed(exc: BaseException, prompt_param: str, info: dict[str, Any], retry_after: int) -> Response:
+def _failed(exc: BaseException, api: Api, info: dict[str, Any], retry_after: int) -> Response:
     if isinstance(exc, Exception):
-        err = _classify_exception(exc, prompt_param, retry_after)
+        err = _classify_exception(exc, api.prompt_param, retry_after)
     else:
         err = errors.internal_error()
     if err.status >= 500:
         log.error("generation failed", exc_info=exc)
     info["error_code"] = err.code
-    return _error_response(err)
+    return _error_response(err, api.dialect)
 
 
 _DISCONNECTED = object()
@@ -723,6 +810,20 @@ def _record_usage(runtime: Runtime, request: Request, info: dict[str, Any], prom
         metrics.child(metrics.completion_tokens, route).inc(completion)
 
 
+def _record_pooling_usage(runtime: Runtime, request: Request, info: dict[str, Any], response: Response) -> None:
+    """Token counts of a pooling answer: from its JSON body, or the ``metadata`` header of the binary encodings."""
+    try:
+        raw = getattr(response, "body", None)
+        if isinstance(raw, (bytes, bytearray)) and raw[:1] == b"{":
+            usage = json.loads(raw).get("usage") or {}
+        else:
+            usage = json.loads(response.headers.get("metadata") or "{}").get("usage") or {}
+    except (ValueError, AttributeError):
+        return
+    if isinstance(usage, dict):
+        _record_usage(runtime, request, info, usage.get("prompt_tokens"), None)
+
+
 async def _stream(
     runtime: Runtime,
     request: Request,
@@ -768,3 +869,49 @@ async def _stream(
         usage = getattr(meta, "final_usage_info", None)
         if usage is not None:
             _record_usage(runtime, request, info, usage.prompt_tokens, usage.completion_tokens)
+
+
+async def _event_stream(
+    runtime: Runtime,
+    request: Request,
+    gen: AsyncIterator[Any],
+    api: Api,
+    info: dict[str, Any],
+    ticket: _Ticket,
+    start: float,
+) -> AsyncIterator[str]:
+    """The Responses and Messages streams: typed server-sent events (``event: <type>``, ``data: {json}``).
+
+    vLLM's Responses serving yields event objects (framed here as vLLM's own
+    route frames them), its Messages serving yields the frames. An error
+    event carries no internals; token counts come from the events that carry
+    usage (Responses' ``response.completed``, Messages' ``message_start`` and
+    ``message_delta``).
+    """
+    ttft_metric = runtime.metrics.child(runtime.metrics.ttft, _route(request), "true")
+    events = EventStream(api.name)
+    waiting_first = True
+    try:
+        async for item in gen:
+            frame = events.frame(item)
+            if waiting_first and events.first_token:
+                waiting_first = False
+                ttft = time.perf_counter() - start
+                info["ttft_s"] = ttft
+                ttft_metric.observe(ttft)
+            yield frame
+    except asyncio.CancelledError:
+        info.setdefault("error_code", "client_closed_request")
+        raise
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+        log.error("stream failed", exc_info=exc)
+        info["error_code"] = "internal_error"
+        yield events.error_frame()
+    finally:
+        ticket.release()
+        aclose = getattr(gen, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if events.error_sent:
+            info["error_code"] = info.get("error_code") or "stream_error"
+        _record_usage(runtime, request, info, events.prompt_tokens, events.completion_tokens)

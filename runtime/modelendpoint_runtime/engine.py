@@ -7,7 +7,9 @@ like a vLLM option, then ``VLLM_EXTRA_ARGS``, so every engine and frontend
 option keeps vLLM's defaults and validation. ``start_engine`` creates the
 AsyncLLM engine and then lets vLLM's ``init_app_state`` construct its serving
 classes (``OpenAIServingChat``, ``OpenAIServingCompletion``,
-``OpenAIServingModels``) on a state object the runtime's routes read from.
+``OpenAIServingResponses``, ``AnthropicServingMessages``,
+``ServingTokenization``, the pooling ones, ``OpenAIServingModels``) on a
+state object the runtime's routes read from.
 """
 
 from __future__ import annotations
@@ -234,6 +236,11 @@ def engine_args(
     if "override_generation_config" in extra_dests:
         user.update(extra_args.override_generation_config or {})
     args.override_generation_config = generation_overrides(settings, user)
+    if settings.adapters_file is not None and not getattr(args, "enable_lora", False):
+        raise ConfigError(
+            f"invalid ADAPTERS_FILE={settings.adapters_file!r}: LoRA adapters need ENABLE_LORA=true "
+            "(vLLM's --enable-lora); the operator sets both"
+        )
     return EngineArgs(args=args, sources=sources, flag_dests=flag_dests)
 
 
@@ -312,8 +319,9 @@ class Engine:
     """The running engine and vLLM's serving objects for the routes."""
 
     client: Any  # vllm.v1.engine.async_llm.AsyncLLM
-    state: Any  # starlette State with openai_serving_chat / _completion / _models
+    state: Any  # starlette State with vLLM's serving objects (openai_serving_chat, serving_embedding, ...)
     args: argparse.Namespace
+    tasks: tuple[str, ...] = ()  # vLLM's supported tasks: "generate", "embed", "classify", ...
     _stats_task: asyncio.Task | None = None
 
     @property
@@ -376,15 +384,17 @@ async def start_engine(
         disable_log_stats=engine_args.disable_log_stats,
     )
     try:
-        supported_tasks = await client.get_supported_tasks()
+        supported_tasks = tuple(await client.get_supported_tasks())
         state = State()
+        # Every serving object of vLLM's server (chat, completions, Responses,
+        # Anthropic Messages, tokenizer, and for a pooling model embeddings,
+        # score/rerank, classify), exactly as vLLM builds them; those the model
+        # does not serve stay None, and their routes answer 400.
         await init_app_state(client, state, args, supported_tasks)
-        if getattr(state, "openai_serving_chat", None) is None:
-            raise ConfigError(f"invalid MODEL_NAME: {args.model} is not a text-generation model")
     except BaseException:
         client.shutdown()
         raise
-    engine = Engine(client=client, state=state, args=args)
+    engine = Engine(client=client, state=state, args=args, tasks=supported_tasks)
     engine.start_stats_logging()
     # As vLLM's server does after start-up: move everything allocated so far
     # (weights' Python objects, tokenizer, serving state) out of the garbage

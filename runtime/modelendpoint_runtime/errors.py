@@ -223,3 +223,63 @@ def engine_error_from_body(status: int, body: dict[str, Any], prompt_param: str,
     if not isinstance(err, dict):
         return internal_error() if status >= 500 else invalid_request("Invalid request.", None)
     return from_engine_error(status, str(err.get("message", "")), err.get("param"), prompt_param, retry_after)
+
+
+# -- the route's kind of model ------------------------------------------------
+
+
+def unsupported_task(model: str, route: str, serves: str) -> APIError:
+    """A route the loaded model does not serve (a generation route on an embedding model, or the reverse)."""
+    return APIError(400, f"The model `{clip(model)}` {serves}; it does not serve {route}.", INVALID_REQUEST, None,
+                    "unsupported_task")  # fmt: skip
+
+
+def adapter_loading(name: str, retry_after: int) -> APIError:
+    """A LoRA adapter listed in ADAPTERS_FILE that is still being loaded: retryable."""
+    return APIError(503, f"The adapter `{clip(name)}` is still loading; retry after the time given in Retry-After.",
+                    SERVER_ERROR, "model", "model_loading", {"Retry-After": str(retry_after)})  # fmt: skip
+
+
+def adapter_failed(name: str) -> APIError:
+    """A LoRA adapter listed in ADAPTERS_FILE that failed to load (the reason is on GET /adapters)."""
+    return APIError(404, f"The adapter `{clip(name)}` failed to load on this replica (see GET /adapters).",
+                    INVALID_REQUEST, "model", "model_not_found")  # fmt: skip
+
+
+# -- Anthropic's shape, for the Messages API -------------------------------------
+#
+# Anthropic's errors are {"type": "error", "error": {"type", "message"}}, the
+# type chosen by status (https://docs.anthropic.com/en/api/errors); the
+# anthropic SDK picks its exception class by status, so the statuses stay ours.
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_OVERLOADED = frozenset({"overloaded", "too_many_connections", "shutting_down", "model_loading"})
+
+
+def anthropic_type(err: APIError) -> str:
+    if err.status in _ANTHROPIC_TYPES:
+        return _ANTHROPIC_TYPES[err.status]
+    if err.status == 503 and err.code in _ANTHROPIC_OVERLOADED:
+        return "overloaded_error"
+    return "invalid_request_error" if err.status < 500 else "api_error"
+
+
+def anthropic_body(err: APIError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": anthropic_type(err), "message": err.message}}
+
+
+def dialect_body(err: APIError, dialect: str) -> dict[str, Any]:
+    """The error body in the route's dialect: ``openai`` (default) or ``anthropic``."""
+    return anthropic_body(err) if dialect == ANTHROPIC else err.body()
+
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"

@@ -1,6 +1,7 @@
 """Entry point: ``modelendpoint-runtime``.
 
-Order of events: validate the runtime's own settings, read API_KEY_FILE, bind
+Order of events: validate the runtime's own settings, read API_KEY_FILE and
+ADAPTERS_FILE, bind
 the listening sockets (PORT, and METRICS_PORT when set): a bad value, a
 bad HOST or a port in use exits with code 2 and one line on stderr within a
 second, before vLLM is even imported. Then build vLLM's parser and apply the
@@ -26,6 +27,7 @@ from types import FrameType
 
 import uvicorn
 
+from .adapters import Adapters
 from .auth import initial_keyring
 from .server import ConnectionLimits, bind_listener, protocol_class
 from .settings import ConfigError, load_settings
@@ -83,6 +85,8 @@ def main() -> None:
     try:
         settings = load_settings(os.environ)
         keyring = initial_keyring(settings)
+        adapters = Adapters(settings.adapters_file, settings.served_model_name, settings.adapters_poll_seconds)
+        adapters.read_at_start()
         listeners.append(bind_listener(settings.host, settings.port))
         if settings.metrics_port is not None:
             listeners.append(bind_listener(settings.host, settings.metrics_port, "METRICS_PORT"))
@@ -110,7 +114,8 @@ def main() -> None:
     # What vLLM was given, for whoever wonders whether a variable reached it.
     log.info("engine options", extra={"fields": {"options": parsed.log_fields()}})
 
-    runtime = Runtime(settings, keyring=keyring)
+    adapters.log = log
+    runtime = Runtime(settings, keyring=keyring, adapters=adapters)
     app = create_app(runtime, lambda: start_engine(parsed.args, parsed.config_error), stop_engine_processes)
     limits = ConnectionLimits(
         max_header_bytes=settings.max_header_bytes,

@@ -58,6 +58,9 @@ ACCEPTED: dict[str, str] = {
     "DRAIN_TIMEOUT_SECONDS": "a number of seconds >= 0",
     "LOG_LEVEL": "one of debug, info, warning, error",
     "LOG_PROMPTS": "1 or 0 (also true/false)",
+    "ADAPTERS_FILE": 'the path of a readable JSON list of {"name", "source"} LoRA adapters (or empty: none)',
+    "ADAPTERS_POLL_SECONDS": "a number of seconds > 0",
+    "TOOL_STRICT_DEFAULT": "1 or 0 (also true/false)",
 }
 
 
@@ -119,7 +122,14 @@ class RuntimeSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
 
-    @field_validator("openai_served_model_name_override", "endpoint_id", "metrics_port", mode="before")
+    # LoRA adapters served beside the model, re-read while serving (adapters.py).
+    adapters_file: str | None = None
+    adapters_poll_seconds: float = Field(default=5.0, gt=0)
+    # Function tools without an explicit "strict" are treated as strict: true.
+    tool_strict_default: bool = True
+
+    @field_validator("openai_served_model_name_override", "endpoint_id", "metrics_port", "adapters_file",
+                     mode="before")  # fmt: skip
     @classmethod
     def _empty_is_unset(cls, value):
         # Kubernetes manifests often carry `VAR: ""` for "not set".
