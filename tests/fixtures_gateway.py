@@ -217,7 +217,8 @@ class FakeReplica:
     ``delay`` apart) each carrying ``served_by`` in ``id``. GET .../models: one model.
     Switches: ``fail_503`` answers that many 503s first; ``close_before`` drops that
     many connections before answering; ``break_after`` cuts streams after N chunks;
-    ``hang`` never answers.
+    ``hang`` never answers; a POST whose model is in ``unknown_models`` gets the
+    runtime's 404 ``model_not_found`` (an adapter this replica has not loaded).
     """
 
     def __init__(self, name: str, model: str = "m") -> None:
@@ -229,6 +230,7 @@ class FakeReplica:
         self.close_before = 0
         self.break_after: int | None = None
         self.hang = False
+        self.unknown_models: set[str] = set()
         self.chunks = 3
         self.delay = 0.0
         self.in_flight = 0
@@ -251,6 +253,10 @@ class FakeReplica:
             self.close_before -= 1
             request.transport.abort()
             raise asyncio.CancelledError()
+        if isinstance(obj, dict) and obj.get("model") in self.unknown_models:
+            return web.json_response({"error": {"message": f"The model `{obj['model']}` does not exist.",
+                                                "type": "invalid_request_error", "param": "model",
+                                                "code": "model_not_found"}}, status=404)
         if self.fail_503 > 0:
             self.fail_503 -= 1
             return web.json_response({"error": {"message": "The server is at capacity", "type": "server_error",

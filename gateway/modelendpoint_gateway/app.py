@@ -4,9 +4,10 @@ Routes (docs/gateway.md):
 
 - ``/openai/v1/...`` and ``/v1/...``: ``GET models`` and ``GET models/{id}``
   are answered here from the routing table; every ``POST`` is routed by the
-  ``model`` of its JSON body to the ModelEndpoint that owns that served name,
-  with the path kept (chat/completions, completions, embeddings, responses,
-  tokenize, Anthropic's messages, ... whatever the runtime serves).
+  ``model`` of its JSON body to the ModelEndpoint that owns that name -- its
+  served name or the name of one of its LoRA adapters -- with the path kept
+  (chat/completions, completions, embeddings, responses, tokenize,
+  Anthropic's messages, ... whatever the runtime serves).
 - ``/v2/{name}/openai/v1/...``: straight to the ModelEndpoint ``name`` (any
   method; the body is not read).
 - ``/healthz``, ``/readyz``.
@@ -42,6 +43,11 @@ SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream; charset=utf-8"), 
                         (b"x-accel-buffering", b"no")]
 WAITING_COMMENT = b": waiting for the model\n\n"
 _PREFIXES = ("/openai/v1/", "/v1/")
+# Answers of a replica that another replica may not give, before the first byte: tried elsewhere.
+RETRY_STATUSES = frozenset({503})
+# For an adapter, also 404: a replica that has not loaded it (yet: the runtime re-reads the list every
+# few seconds; or it failed there) answers model_not_found, another one may have it.
+ADAPTER_RETRY_STATUSES = frozenset({503, 404})
 _FORWARDABLE_V2 = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -107,7 +113,7 @@ class Ctx:
     """What one request's log line and metrics need, filled in along the way."""
 
     __slots__ = ("model", "metrics", "replica", "attempts", "held_s", "first_byte_at", "stream", "error_code",
-                 "hold_deadline", "sse_early", "route")
+                 "hold_deadline", "sse_early", "route", "adapter")
 
     def __init__(self) -> None:
         self.model: str | None = None
@@ -121,6 +127,7 @@ class Ctx:
         self.hold_deadline: float | None = None
         self.sse_early = False  # a held stream whose SSE headers went out before any replica answered
         self.route = ""
+        self.adapter: str | None = None  # the LoRA adapter asked for (the body's model), if it is one
 
 
 class Gateway:
@@ -235,6 +242,8 @@ class Gateway:
         model = self.router.by_served_name(name)
         if model is None:
             raise errors.model_not_found(name)
+        if name != model.served_name:
+            ctx.adapter = name
         ctx.metrics = metrics.for_model(model.served_name)
         await self._authorize(req, model)
         await self._forward(req, resp, model, body, ctx)
@@ -256,6 +265,9 @@ class Gateway:
             except (ValueError, UnicodeDecodeError, RecursionError):
                 body = None  # the runtime answers it (its own 400)
         ctx.stream = bool(body and body.get("stream") is True)
+        asked = body.get("model") if body else None
+        if isinstance(asked, str) and model.is_adapter_name(asked):
+            ctx.adapter = asked
         await self._forward(req, resp, model, body, ctx)
 
     async def _authorize(self, req: Request, model: Model) -> None:
@@ -285,19 +297,25 @@ class Gateway:
             return False
         return token_digest in keys.digests
 
-    async def _visible(self, token: str | None) -> list[Model]:
+    async def _visible(self, token: str | None) -> list[tuple[str, Model]]:
+        """The names (served and adapters') the caller may use, with their Models, by name."""
         d = digest(token) if token is not None else None
-        models = [m for m in self.router.routed() if m.listed]
+        names = [(n, m) for n, m in self.router.names() if m.listed]
+        models = list({m.key: m for _, m in names}.values())
         allowed = await asyncio.gather(*(self._opens(m, d) for m in models))
-        return [m for m, ok in zip(models, allowed, strict=True) if ok]
+        opened = {m.key for m, ok in zip(models, allowed, strict=True) if ok}
+        return [(n, m) for n, m in names if m.key in opened]
 
     @staticmethod
-    def _model_entry(model: Model) -> dict[str, Any]:
-        return {"id": model.served_name, "object": "model", "created": int(model.info.created.timestamp()),
-                "owned_by": model.info.namespace}
+    def _model_entry(name: str, model: Model) -> dict[str, Any]:
+        entry: dict[str, Any] = {"id": name, "object": "model", "created": int(model.info.created.timestamp()),
+                                 "owned_by": model.info.namespace}
+        if name != model.served_name:
+            entry["parent"] = model.served_name  # an adapter: the model it runs on (as vLLM lists it)
+        return entry
 
     async def _list_models(self, resp: Responder, token: str | None) -> None:
-        data = [self._model_entry(m) for m in await self._visible(token)]
+        data = [self._model_entry(n, m) for n, m in await self._visible(token)]
         body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
         resp.send(200, JSON_HEADERS, body)
 
@@ -306,7 +324,7 @@ class Gateway:
         if model is None or not model.listed or not await self._opens(
                 model, digest(token) if token is not None else None):
             raise errors.model_not_found(name)
-        resp.send(200, JSON_HEADERS, json.dumps(self._model_entry(model), separators=(",", ":")).encode())
+        resp.send(200, JSON_HEADERS, json.dumps(self._model_entry(name, model), separators=(",", ":")).encode())
 
     # --- holding ----------------------------------------------------------------------------
 
@@ -424,6 +442,10 @@ class Gateway:
         key_text = None
         if model.info.strategy == table.PREFIX_HASH and body is not None:
             key_text = prefix.prefix_key(body, model.info.prefix_hash.prefix_char_length)
+            if key_text is not None and ctx.adapter is not None:
+                # vLLM caches prefixes per adapter: each adapter's prefixes get their own places on the ring.
+                key_text = f"{ctx.adapter}\x00{key_text}"
+        retry_on = ADAPTER_RETRY_STATUSES if ctx.adapter is not None else RETRY_STATUSES
         tried: list[Replica] = []
         skipped: tuple[int, Headers, bytes] | None = None  # the last 503 not passed on (retried instead)
         stale_retry = True  # one free retry when a reused idle connection turns out closed
@@ -460,7 +482,8 @@ class Gateway:
                     continue
                 can_retry = ctx.attempts < s.max_attempts and any(
                     r is not replica and r not in tried for r in model.replicas)
-                outcome = await self._exchange(req, resp, model, replica, conn, ctx, can_retry)
+                outcome = await self._exchange(req, resp, model, replica, conn, ctx,
+                                               retry_on if can_retry else frozenset())
             except UpstreamError as exc:
                 if reused and exc.before_response and stale_retry:
                     stale_retry = False
@@ -478,7 +501,7 @@ class Gateway:
                 return
             skipped = outcome
             tried.append(replica)
-            m.retry("503")
+            m.retry(str(outcome[0]))
         if skipped is not None:
             status, headers, data = skipped
             if resp.started:
@@ -490,12 +513,14 @@ class Gateway:
         raise errors.upstream_unreachable(model.served_name, ctx.attempts, s.retry_after_seconds)
 
     async def _exchange(self, req: Request, resp: Responder, model: Model, replica: Replica,
-                        conn: UpstreamConnection, ctx: Ctx, can_retry: bool) -> tuple[int, Headers, bytes] | None:
+                        conn: UpstreamConnection, ctx: Ctx,
+                        retry_on: frozenset[int]) -> tuple[int, Headers, bytes] | None:
         """One try on one replica.
 
         None: answered (completely, or cut after it started: never retried). A
-        (status, headers, body) 503 to try elsewhere. UpstreamError: the
-        connection failed before any byte of an answer; try elsewhere.
+        (status, headers, body) answer with a status of ``retry_on`` (a 503; for
+        an adapter also a 404) to try elsewhere. UpstreamError: the connection
+        failed before any byte of an answer; try elsewhere.
         """
         ex = conn.request(self._upstream_head(req, replica), req.body)
         early = resp.started  # a held stream whose SSE headers are out
@@ -503,7 +528,7 @@ class Gateway:
         def on_head() -> None:
             # Runs inside the parser callback: the answer starts in the same loop iteration as the
             # replica's head arrived, and the first chunk of that read goes straight through.
-            if ex.status == 503 and can_retry:
+            if ex.status in retry_on:
                 return  # kept aside; maybe retried elsewhere
             if early:
                 if ex.status == 200:
@@ -530,17 +555,17 @@ class Gateway:
 
             timer.append(self.loop.call_later(interval, tick))
         try:
-            return await self._exchange_body(req, resp, replica, conn, ex, ctx, can_retry, early)
+            return await self._exchange_body(req, resp, replica, conn, ex, ctx, retry_on, early)
         finally:
             for t in timer:
                 t.cancel()
 
     async def _exchange_body(self, req: Request, resp: Responder, replica: Replica, conn: UpstreamConnection,
-                             ex: Exchange, ctx: Ctx, can_retry: bool,
+                             ex: Exchange, ctx: Ctx, retry_on: frozenset[int],
                              early: bool) -> tuple[int, Headers, bytes] | None:
         try:
             await ex.head
-            if ex.status == 503 and can_retry:
+            if ex.status in retry_on:
                 await ex.done
                 data = ex.buffered()
                 self.pool.put(conn, ex.keep_alive)

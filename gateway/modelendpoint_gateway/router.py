@@ -35,6 +35,10 @@ class Model:
     def served_name(self) -> str:
         return self.info.served_name or ""
 
+    def is_adapter_name(self, name: str) -> bool:
+        """Whether ``name`` (a name this Model owns or a request asks for) is one of its adapters'."""
+        return name != self.served_name and name in self.info.adapters
+
     def changed(self) -> asyncio.Future[None]:
         """Resolves at the next change of this Model (replicas, state, spec, deletion)."""
         if self._changed is None or self._changed.done():
@@ -122,6 +126,7 @@ class Router:
         return out
 
     def by_served_name(self, name: str) -> Model | None:
+        """The Model that owns ``name``: its served name, or the name of one of its adapters."""
         key = self.table.owner_of_name.get(name)
         return self.models.get(key) if key is not None else None
 
@@ -131,8 +136,11 @@ class Router:
 
     def routed(self) -> list[Model]:
         """The Models that own their served name, by name."""
-        out = [self.models[k] for _, k in sorted(self.table.owner_of_name.items()) if k in self.models]
-        return out
+        return [m for name, m in self.names() if name == m.served_name]
+
+    def names(self) -> list[tuple[str, Model]]:
+        """Every routed name (served names and adapters' names) with the Model that owns it, by name."""
+        return [(name, self.models[k]) for name, k in sorted(self.table.owner_of_name.items()) if k in self.models]
 
     def secret_refs(self) -> set[tuple[str, str]]:
         return {(m.info.namespace, m.info.key_secret) for m in self.models.values() if m.info.key_secret}

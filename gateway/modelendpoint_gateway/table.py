@@ -7,6 +7,9 @@ object (a few fields), so memory stays small with thousands of pods.
 - A ModelEndpoint takes part once it has ``status.servedModelName``; among
   several with one name the served-name rule (operator/served_names.py)
   picks the owner.
+- Its LoRA adapters (``spec.adapters[].name``) are names it claims too, by
+  the same rule: each name, served or an adapter's, has one owner, and a
+  request naming it goes to that owner's replicas.
 - A pod is a replica of the ModelEndpoint named by its
   ``serving.modelendpoint.dev/endpoint`` label, in its namespace. It is ready
   when its ``Ready`` condition is True, it is not being deleted and it has a
@@ -54,6 +57,9 @@ class EndpointInfo:
     created: datetime.datetime
     served_name: str | None
     claim: served_names.Claim | None
+    # Every name claimed: the served name's claim first, then one per adapter (spec.adapters).
+    claims: tuple[served_names.Claim, ...] = ()
+    adapters: frozenset[str] = frozenset()  # names of spec.adapters (LoRA), served by its replicas
     phase: str | None = None
     message: str = ""
     replicas: int = 1
@@ -120,6 +126,8 @@ def parse_endpoint(obj: Mapping[str, Any]) -> EndpointInfo:
         created=served_names.parse_timestamp(meta.get("creationTimestamp")),
         served_name=served if isinstance(served, str) and served else None,
         claim=served_names.claim_of(obj),
+        claims=served_names.name_claims(obj),
+        adapters=frozenset(served_names.adapter_names(obj)),
         phase=status.get("phase") if isinstance(status.get("phase"), str) else None,
         message=str(status.get("message") or ""),
         replicas=_int(spec.get("replicas"), 1),
@@ -195,9 +203,9 @@ class Table:
         self.endpoints: dict[Key, EndpointInfo] = {}
         self.pods: dict[Key, PodInfo] = {}
         self._pods_of: dict[Key, set[Key]] = {}
-        self._claimants: dict[str, set[Key]] = {}    # served name -> endpoints claiming it
+        self._claimants: dict[str, set[Key]] = {}    # claimed name (served or adapter) -> endpoints claiming it
         self._named: dict[str, set[Key]] = {}        # metadata.name -> endpoints (for /v2/{name})
-        self.owner_of_name: dict[str, Key] = {}      # served name -> owner
+        self.owner_of_name: dict[str, Key] = {}      # claimed name (served or adapter) -> owner
         self.owner_of_endpoint_name: dict[str, Key] = {}
 
     # --- ModelEndpoints ---------------------------------------------------------
@@ -206,12 +214,13 @@ class Table:
         old = self.endpoints.get(info.key)
         self.endpoints[info.key] = info
         changed = {info.key}
-        names = {info.claim.served_name} if info.claim else set()
-        if old is not None and old.claim is not None:
-            names.add(old.claim.served_name)
-            self._claimants.get(old.claim.served_name, set()).discard(info.key)
-        if info.claim is not None:
-            self._claimants.setdefault(info.claim.served_name, set()).add(info.key)
+        names = {cl.served_name for cl in info.claims}
+        if old is not None:
+            for cl in old.claims:
+                names.add(cl.served_name)
+                self._claimants.get(cl.served_name, set()).discard(info.key)
+        for cl in info.claims:
+            self._claimants.setdefault(cl.served_name, set()).add(info.key)
         self._named.setdefault(info.name, set()).add(info.key)
         changed |= self._recompute_names(names)
         changed |= self._recompute_endpoint_name(info.name)
@@ -222,9 +231,9 @@ class Table:
         if old is None:
             return set()
         changed = {key}
-        if old.claim is not None:
-            self._claimants.get(old.claim.served_name, set()).discard(key)
-            changed |= self._recompute_names({old.claim.served_name})
+        for cl in old.claims:
+            self._claimants.get(cl.served_name, set()).discard(key)
+        changed |= self._recompute_names({cl.served_name for cl in old.claims})
         self._named.get(old.name, set()).discard(key)
         changed |= self._recompute_endpoint_name(old.name)
         return changed
@@ -244,8 +253,7 @@ class Table:
         changed: set[Key] = set()
         for name in names:
             keys = self._claimants.get(name) or set()
-            claims = [self.endpoints[k].claim for k in keys if self.endpoints[k].claim is not None]
-            best = served_names.winner(c for c in claims if c is not None)
+            best = served_names.winner(cl for k in keys for cl in self.endpoints[k].claims if cl.served_name == name)
             before = self.owner_of_name.get(name)
             if best is None:
                 self.owner_of_name.pop(name, None)
@@ -314,8 +322,15 @@ class Table:
         return (info is not None and info.claim is not None
                 and self.owner_of_name.get(info.claim.served_name) == key)
 
+    def names_owned(self, key: Key) -> list[str]:
+        """The names a ModelEndpoint owns: its served name (if it owns it) and its adapters' it owns, in order."""
+        info = self.endpoints.get(key)
+        if info is None:
+            return []
+        return [cl.served_name for cl in info.claims if self.owner_of_name.get(cl.served_name) == key]
+
     def snapshot(self) -> dict[str, tuple[Key, str, list[str]]]:
-        """served name -> (owner, state, ready addresses): the whole table, for tests and debugging."""
+        """claimed name -> (owner, state, ready addresses): the whole table, for tests and debugging."""
         out: dict[str, tuple[Key, str, list[str]]] = {}
         for name, key in sorted(self.owner_of_name.items()):
             pods = self.ready_pods(key)

@@ -12,13 +12,22 @@ so they can never disagree about the winner.
 A ModelEndpoint without ``status.servedModelName`` (no status written yet)
 claims nothing. Plain functions on the objects as the API server returns them
 (dicts); no I/O.
+
+LoRA adapters (``spec.adapters: [{name, source}]``) are served under their own
+names, so their names are claims too, by the same rule: :func:`name_claims`,
+:func:`name_owners` and :func:`name_conflicts` treat a ModelEndpoint's served
+name and each of its adapters' names as claims of that ModelEndpoint (with its
+creation time), and each name -- a served name or an adapter's -- has one
+owner. Only a ModelEndpoint that claims its served name (it has a status, it
+is not being deleted) claims its adapters' names. :func:`claim_of`,
+:func:`owners` and :func:`conflicts` keep looking at served names only.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Objects without a parsable creationTimestamp sort after every real one.
@@ -27,12 +36,18 @@ _NEVER = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 
 @dataclass(frozen=True, order=True)
 class Claim:
-    """One ModelEndpoint's claim on a served name; ordering = precedence (smallest wins)."""
+    """One ModelEndpoint's claim on a name; ordering = precedence (smallest wins).
+
+    ``served_name`` is the name claimed: the ModelEndpoint's served model name,
+    or with ``adapter`` one of its adapters' names (``adapter`` takes no part in
+    the precedence: one ModelEndpoint claims a name once).
+    """
 
     created: datetime.datetime
     namespace: str
     name: str
     served_name: str
+    adapter: bool = field(default=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -65,6 +80,59 @@ def claim_of(obj: Mapping[str, Any]) -> Claim | None:
         return None
     return Claim(parse_timestamp(meta.get("creationTimestamp")), str(meta.get("namespace") or ""),
                  str(meta.get("name") or ""), served)
+
+
+def adapter_names(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names of a ModelEndpoint's ``spec.adapters``, in order, each once (malformed entries skipped)."""
+    out: list[str] = []
+    adapters = (obj.get("spec") or {}).get("adapters")
+    for entry in adapters if isinstance(adapters, list) else ():
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if isinstance(name, str) and name and name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def name_claims(obj: Mapping[str, Any]) -> tuple[Claim, ...]:
+    """Every name one ModelEndpoint claims: its served name first, then its adapters' names.
+
+    Empty when it claims no served name (no status yet, or being deleted). An
+    adapter named like the served name (the CRD refuses it) adds nothing.
+    """
+    base = claim_of(obj)
+    if base is None:
+        return ()
+    return (base, *(Claim(base.created, base.namespace, base.name, a, adapter=True)
+                    for a in adapter_names(obj) if a != base.served_name))
+
+
+def name_owners(objects: Iterable[Mapping[str, Any]]) -> dict[str, Claim]:
+    """Every claimed name (served names and adapters' names) -> the claim that owns it."""
+    best: dict[str, Claim] = {}
+    for obj in objects:
+        for claim in name_claims(obj):
+            current = best.get(claim.served_name)
+            if current is None or claim < current:
+                best[claim.served_name] = claim
+    return best
+
+
+def name_conflicts(objects: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, tuple[str, str]]]:
+    """(namespace, name) of each ModelEndpoint that loses a name it claims -> {that name: the owner's key}.
+
+    A name lost is either its served name (the Routable condition of
+    :func:`conflicts`) or one of its adapters' names (that adapter gets no
+    gateway traffic by that name).
+    """
+    objs = list(objects)
+    owner_of = name_owners(objs)
+    out: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+    for obj in objs:
+        for claim in name_claims(obj):
+            owner = owner_of[claim.served_name]
+            if owner.key != claim.key:
+                out.setdefault(claim.key, {})[claim.served_name] = owner.key
+    return out
 
 
 def winner(claims: Iterable[Claim]) -> Claim | None:
@@ -106,3 +174,9 @@ def conflict_message(served_name: str, owner: tuple[str, str]) -> str:
     """The text of the ``Routable=False`` condition (one wording for the operator and the docs)."""
     return (f"served model name {served_name!r} is owned by ModelEndpoint {owner[0]}/{owner[1]} "
             "(the oldest one with that name); this one gets no gateway traffic")
+
+
+def adapter_conflict_message(adapter: str, owner: tuple[str, str]) -> str:
+    """Why an adapter's name gets no gateway traffic here (the same rule as served names)."""
+    return (f"adapter name {adapter!r} is claimed first by ModelEndpoint {owner[0]}/{owner[1]} "
+            "(the oldest one claiming that name); the gateway routes that name there, not to this adapter")

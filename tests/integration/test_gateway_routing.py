@@ -234,3 +234,28 @@ def test_namespaced_mode_serves_only_its_namespaces_with_only_roles_there(contro
     finally:
         for name in (served, other):
             kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_a_lora_adapter_is_routed_by_its_name_and_listed_with_its_parent(cluster_gateway, kubectl, ns,
+                                                                         runtime_server):
+    gw, rt = cluster_gateway, runtime_server
+    # The adapter the session's runtime serves, as its own /models lists it (parent = the served name).
+    cards = httpx.get(f"{rt.base_url}/models", headers=rt.headers, timeout=10).json()["data"]
+    adapter = next(c["id"] for c in cards if c.get("parent") == rt.model)
+    endpoint(kubectl, ns, "lora", rt.model, adapters=[{"name": adapter, "source": "/models/some-adapter"}])
+    runtime_pod(kubectl, ns, "lora-0", "lora", rt.port)
+    wait_for(lambda: adapter in listed(gw), timeout=10, what="the adapter listed")
+    entry = next(m for m in httpx.get(gw.base_url + "/models", timeout=10).json()["data"] if m["id"] == adapter)
+    assert entry["parent"] == rt.model
+
+    c = client(gw.base_url, rt.api_key)
+    base = c.completions.create(model=rt.model, prompt="The capital of France is", max_tokens=8, temperature=0)
+    tuned = c.completions.create(model=adapter, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert tuned.model == adapter and base.model == rt.model
+    # The adapter's random weights change greedy output: the runtime ran the adapter, not the base model.
+    assert tuned.choices[0].text != base.choices[0].text
+    text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=adapter, messages=MSG, max_tokens=8, temperature=0, stream=True) if ch.choices)
+    assert text
+    with pytest.raises(NotFoundError):
+        c.chat.completions.create(model=f"{adapter}-typo", messages=MSG, max_tokens=2)

@@ -138,6 +138,98 @@ def test_v2_goes_straight_to_the_named_endpoint(cluster, replicas, started):
         assert r.status_code == 404 and err["code"] == "endpoint_not_found"
 
 
+# --- LoRA adapters ---------------------------------------------------------------------------------
+
+
+def adapters(*names: str) -> list[dict]:
+    return [{"name": n, "source": f"org/{n}"} for n in names]
+
+
+def test_an_adapter_name_routes_to_its_endpoint_with_the_body_unchanged(cluster, replicas, started):
+    a, b = replica(replicas, "a"), replica(replicas, "b")
+    serve(cluster, "ns", "ep-a", "base-a", a, adapters=adapters("a-sql", "a-chat"))
+    serve(cluster, "ns", "ep-b", "base-b", b, adapters=adapters("b-sql"))
+    gw = started()
+    answer = sdk(gw).chat.completions.create(model="a-sql", messages=[{"role": "user", "content": "hi"}])
+    assert answer.model == "a-sql" and answer.choices[0].message.content == "from a"
+    chunks = list(sdk(gw).chat.completions.create(model="b-sql", messages=[{"role": "user", "content": "hi"}],
+                                                  stream=True))
+    assert chunks[0].id == "b-0" and chunks[0].model == "b-sql"
+    with httpx.Client(base_url=gw.url, timeout=10) as h:
+        r = h.post("/v2/ep-a/openai/v1/completions", json={"model": "a-chat", "prompt": "x"})
+        assert r.json()["served_by"] == "a" and r.json()["model"] == "a-chat"
+        err = error_of(r := h.post("/v1/chat/completions", json=chat("c-sql")))
+        assert r.status_code == 404 and err["code"] == "model_not_found"
+    assert [json.loads(q["body"])["model"] for q in a.requests] == ["a-sql", "a-chat"]
+    # The adapter's requests count under its ModelEndpoint's served name (bounded labels).
+    text = gw.metrics()
+    assert metric_value(text, "modelendpoint_gateway_requests_total", model="base-a", code="200") == 2
+    assert "a-sql" not in text
+
+
+def test_models_lists_adapters_with_their_parent_filtered_by_key(cluster, replicas, started):
+    a = replica(replicas, "a")
+    cluster.set_secret("ns", "keys", {"k": KEY})
+    serve(cluster, "ns", "open", "open-model", a, adapters=adapters("open-lora"))
+    serve(cluster, "ns", "keyed", "keyed-model", a, adapters=adapters("keyed-lora"),
+          apiKeySecretRef={"name": "keys", "key": "k"})
+    serve(cluster, "ns", "sleepy", "sleepy-model", adapters=adapters("sleepy-lora"),
+          autoscaling={"minReplicas": 0, "maxReplicas": 1})
+    serve(cluster, "ns", "off", "off-model", adapters=adapters("off-lora"), replicas=0)
+    gw = started()
+    with httpx.Client(base_url=gw.url, timeout=10) as h:
+        data = h.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+        assert [(m["id"], m.get("parent")) for m in data] == [
+            ("keyed-lora", "keyed-model"), ("keyed-model", None), ("open-lora", "open-model"), ("open-model", None),
+            ("sleepy-lora", "sleepy-model"), ("sleepy-model", None)]
+        assert {"id", "object", "created", "owned_by", "parent"} == set(data[0])
+        anonymous = [m["id"] for m in h.get("/v1/models").json()["data"]]
+        assert anonymous == ["open-lora", "open-model", "sleepy-lora", "sleepy-model"]
+        one = h.get("/openai/v1/models/keyed-lora", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert one["id"] == "keyed-lora" and one["parent"] == "keyed-model"
+        assert h.get("/v1/models/keyed-lora").status_code == 404
+        assert h.get("/v1/models/off-lora").status_code == 404
+        r = h.post("/v1/chat/completions", json=chat("keyed-lora"))
+        assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+    assert sdk(gw).models.retrieve("open-lora").id == "open-lora"
+    assert a.requests == []
+
+
+def test_a_replica_without_the_adapter_yet_is_passed_over(cluster, replicas, started):
+    a, b = replica(replicas, "a"), replica(replicas, "b")
+    a.unknown_models = {"new-lora"}          # a has not read the new adapter list yet
+    serve(cluster, "ns", "ep", "base", a, b, adapters=adapters("new-lora"))
+    gw = started()
+    for _ in range(4):                      # ties rotate: some of them try a first
+        r = httpx.post(gw.url + "/v1/chat/completions", json=chat("new-lora"), timeout=10)
+        assert r.status_code == 200 and r.json()["served_by"] == "b"
+    assert len(a.requests) >= 1 and len(b.requests) == 4
+    assert metric_value(gw.metrics(), "modelendpoint_gateway_retries_total", model="base", reason="404") == len(
+        a.requests)
+    # For the base model a replica's 404 is its answer: passed on, not retried.
+    a.unknown_models = b.unknown_models = {"base"}
+    before = len(a.requests) + len(b.requests)
+    r = httpx.post(gw.url + "/v1/chat/completions", json=chat("base"), timeout=10)
+    assert r.status_code == 404 and len(a.requests) + len(b.requests) == before + 1
+    # Loaded nowhere: the last replica's 404 passes through unchanged.
+    b.unknown_models = {"new-lora"}
+    a.unknown_models = {"new-lora"}
+    r = httpx.post(gw.url + "/v1/chat/completions", json=chat("new-lora"), timeout=10)
+    assert r.status_code == 404 and error_of(r)["message"] == "The model `new-lora` does not exist."
+
+
+def test_an_adapter_of_a_model_at_zero_wakes_it(cluster, replicas, started):
+    a = replica(replicas, "a")
+    serve(cluster, "ns", "sleepy", "base", adapters=adapters("lora"), autoscaling={"minReplicas": 0})
+    gw = started()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(lambda: httpx.post(gw.url + "/v1/chat/completions", json=chat("lora"), timeout=30))
+        wait_for(lambda: cluster.held_annotations("ns", "sleepy"), timeout=5, what="the held annotation")
+        cluster.put(pod_obj("sleepy-0", "ns", "sleepy", "127.0.0.1", a.port))
+        r = fut.result()
+    assert r.status_code == 200 and r.json()["model"] == "lora"
+
+
 # --- /models and keys ---------------------------------------------------------------------------
 
 

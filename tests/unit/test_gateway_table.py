@@ -106,3 +106,47 @@ def test_serving_states():
     assert state(0, replicas=0, autoscaling={"minReplicas": 0}) == t.WAKEABLE
     assert state(0) == t.STARTING
     assert t.serving_state(t.parse_endpoint(mep_obj("e", "ns", "m", phase="Failed")), 0) == t.FAILED
+
+
+def adapters(*names: str) -> list[dict]:
+    return [{"name": n, "source": f"org/{n}"} for n in names]
+
+
+def test_adapter_names_are_claims_of_their_endpoint():
+    tbl = build(mep_obj("a", "ns", "base", adapters=adapters("base-sql", "base-chat")),
+                pod_obj("a-1", "ns", "a", "10.0.0.1"))
+    info = tbl.endpoints[("ns", "a")]
+    assert info.adapters == {"base-sql", "base-chat"}
+    assert [(cl.served_name, cl.adapter) for cl in info.claims] == [
+        ("base", False), ("base-sql", True), ("base-chat", True)]
+    assert {n: v[0] for n, v in tbl.snapshot().items()} == {n: ("ns", "a") for n in ("base", "base-sql", "base-chat")}
+    assert tbl.names_owned(("ns", "a")) == ["base", "base-sql", "base-chat"]
+    assert tbl.owns_name(("ns", "a"))
+
+
+def test_no_status_claims_no_adapter_either():
+    tbl = build(mep_obj("a", "ns", None, adapters=adapters("lora")))
+    assert tbl.owner_of_name == {} and tbl.endpoints[("ns", "a")].adapters == {"lora"}
+
+
+def test_an_adapter_name_and_a_served_name_follow_the_one_rule():
+    # The older one owns the name, whether it claims it as an adapter or as its served name.
+    tbl = build(mep_obj("old", "ns", "base", created=0, adapters=adapters("shared")),
+                mep_obj("young", "ns", "shared", created=10, adapters=adapters("young-lora")))
+    assert tbl.owner_of_name == {"base": ("ns", "old"), "shared": ("ns", "old"), "young-lora": ("ns", "young")}
+    assert not tbl.owns_name(("ns", "young"))
+    assert tbl.names_owned(("ns", "young")) == ["young-lora"]
+    # The adapter goes from the spec: the name moves to the younger one at once.
+    changed = tbl.upsert_endpoint(t.parse_endpoint(mep_obj("old", "ns", "base", created=0, adapters=[])))
+    assert ("ns", "young") in changed and tbl.owner_of_name["shared"] == ("ns", "young")
+    assert tbl.owns_name(("ns", "young"))
+
+
+def test_adapters_added_removed_and_deleted_with_their_endpoint():
+    tbl = build(mep_obj("a", "ns", "base"))
+    tbl.upsert_endpoint(t.parse_endpoint(mep_obj("a", "ns", "base", adapters=adapters("x", "y"))))
+    assert set(tbl.owner_of_name) == {"base", "x", "y"}
+    tbl.upsert_endpoint(t.parse_endpoint(mep_obj("a", "ns", "base", adapters=adapters("y"))))
+    assert set(tbl.owner_of_name) == {"base", "y"}
+    tbl.delete_endpoint(("ns", "a"))
+    assert tbl.owner_of_name == {}
