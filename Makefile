@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: help setup testbed images embedded-model node-deps cluster cluster-down dev dev-down \
-        test test-unit test-integration test-e2e bench-runtime bench-gateway bench-operator crds lock
+        lint test test-unit test-integration test-e2e bench-runtime bench-gateway bench-operator crds lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -42,7 +42,11 @@ dev: setup testbed embedded-model ## the whole system on the embedded model, unt
 dev-down: ## stop a `make dev` running in another shell
 	@$(PY) hack/dev.py --down
 
-test: setup testbed embedded-model node-deps ## the whole suite: unit, integration, e2e
+lint: setup ## ruff over the code and tests, mypy over the three packages (seconds; make test runs it first)
+	@$(VENV)/bin/ruff check operator runtime gateway hack tests
+	@$(VENV)/bin/mypy
+
+test: setup testbed embedded-model node-deps lint ## lint, then the whole suite: unit, integration, e2e
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup ## unit tests only (seconds)

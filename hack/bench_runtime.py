@@ -126,10 +126,11 @@ def start(kind: str, model_dir: Path, workdir: Path, slot: str | None = None) ->
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
             raise SystemExit(f"{kind} exited with {proc.returncode} before ready:\n{tail}")
         try:
-            if httpx.get(ready, timeout=2).status_code == 200:
-                # vLLM's /health is 200 slightly before /v1/models answers.
-                if httpx.get(base + "/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200:
-                    return server
+            # vLLM's /health is 200 slightly before /v1/models answers.
+            auth = {"Authorization": f"Bearer {KEY}"}
+            if (httpx.get(ready, timeout=2).status_code == 200
+                    and httpx.get(base + "/models", headers=auth, timeout=5).status_code == 200):
+                return server
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -252,7 +253,8 @@ def table(results: dict[str, dict[int, Result]], block_ratios: dict[int, list[fl
           labels: dict[str, str] = LABELS) -> str:
     ms = 1000
     rows = [
-        "| concurrency | server | requests | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | errors |",
+        "| concurrency | server | requests | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
+        "| ITL p99 (ms) | errors |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     ratio_rows = [
@@ -354,19 +356,22 @@ def main() -> None:
         + (" --control" if args.control else "")
     )
     counts = ", ".join(
-        f"{max(c, int(BASE_REQUESTS[c] * args.requests_scale)) * args.rounds * args.sessions} at concurrency {c}" for c in CONCURRENCY
+        f"{max(c, int(BASE_REQUESTS[c] * args.requests_scale)) * args.rounds * args.sessions} at concurrency {c}"
+        for c in CONCURRENCY
     )
     load = os.getloadavg()
     section = (
         "## Runtime: modelendpoint-runtime vs vLLM's OpenAI server\n\n"
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}: vLLM {vllm.__version__} on the CPU "
         f"({os.cpu_count()} cores, {platform.machine()}), the embedded SmolLM2-135M-Instruct (float32), "
-        f"max_model_len {ENGINE['max_model_len']}, max_num_seqs {ENGINE['max_num_seqs']}; both servers up, driven one at a "
-        f"time in {args.rounds} interleaved blocks per concurrency (A B B A ...), in {args.sessions} sessions "
+        f"max_model_len {ENGINE['max_model_len']}, max_num_seqs {ENGINE['max_num_seqs']}; both servers up, driven "
+        f"one at a time in {args.rounds} interleaved blocks per concurrency (A B B A ...), in {args.sessions} sessions "
         f"(start-ups) alternating which server starts first. Machine shared with other work (load average "
-        f"at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores). Load: streaming text completions of {args.max_tokens} tokens each (ignore_eos, greedy), fixed "
-        f"prompts, closed loop; {counts} requests per server, after 2 x concurrency warm-up requests per server and concurrency. TTFT is measured to the first chunk "
-        "with text, ITL between chunks with text, on the client.\n\n" + table(results, block_ratios, CONTROL_LABELS if args.control else LABELS) + "\n\n" + NOTES
+        f"at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores). Load: streaming text "
+        f"completions of {args.max_tokens} tokens each (ignore_eos, greedy), fixed prompts, closed loop; {counts} "
+        "requests per server, after 2 x concurrency warm-up requests per server and concurrency. TTFT is measured to "
+        "the first chunk with text, ITL between chunks with text, on the client.\n\n"
+        + table(results, block_ratios, CONTROL_LABELS if args.control else LABELS) + "\n\n" + NOTES
     )
     print(section)
     if not (args.no_write or args.control):

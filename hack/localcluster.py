@@ -107,7 +107,7 @@ def _cert(
     sans: list[x509.GeneralName] | None = None,
     client: bool = False,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -407,7 +407,7 @@ def start(state_dir: Path, bin_dir: Path | None = None, *, outlive_starter: bool
     pki = state_dir / "pki"
     write_pki(pki, (node_ip,) if node_ip else ())
     names = ("etcd", "etcd_peer", "apiserver", "kcm", "sched", "kwok")
-    ports = dict(zip(names, free_ports(len(names))))
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     server = f"https://{node_ip or '127.0.0.1'}:{ports['apiserver']}"
     kubeconfig = state_dir / "kubeconfig"
     kubeconfig.write_text(kubeconfig_yaml(server, pki))

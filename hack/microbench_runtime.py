@@ -53,7 +53,8 @@ USAGE = 'data: {' + _ID + ',"choices":[],"usage":{"prompt_tokens":9,"total_token
 
 
 def _chunk(i: int) -> str:
-    return 'data: {' + _ID + ',"choices":[{"index":0,"text":" word%d","logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n' % i  # noqa: E501
+    return ('data: {' + _ID + f',"choices":[{{"index":0,"text":" word{i}","logprobs":null,"finish_reason":null,'
+            '"stop_reason":null}]}\n\n')
 
 
 class FakeServing:

@@ -157,7 +157,8 @@ def test_name_that_cannot_name_a_service_is_rejected(kubectl: Kubectl, mep_crds)
 
 def test_valid_objects_are_accepted_with_defaults(kubectl: Kubectl, mep_crds) -> None:
     proc = _create(kubectl, mep("ok", "default", model="org/m", gpus=4,
-                                engine={"tensorParallelSize": 4, "enablePrefixCaching": True, "toolCallParser": "hermes",
+                                engine={"tensorParallelSize": 4, "enablePrefixCaching": True,
+                                        "toolCallParser": "hermes",
                                         "enableAutoToolChoice": True, "chatTemplate": {"inline": "{{ x }}"},
                                         "extraArgs": ["--seed", "1", "--max-num-batched-tokens=4096"]},
                                 env=[{"name": "ENABLE_CHUNKED_PREFILL", "value": "true"}],
