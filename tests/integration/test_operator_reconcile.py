@@ -426,3 +426,55 @@ def test_a_name_taken_by_someone_elses_object_fails_without_taking_it(
     assert after["spec"]["ports"] == before["spec"]["ports"]
     assert after["spec"]["selector"] == before["spec"]["selector"]
     assert not after["metadata"].get("ownerReferences")
+
+
+def test_only_children_it_controls_are_deleted(kubectl: Kubectl, namespace: str) -> None:
+    """Issue 13, item 9: a user's own objects carrying the children's labels survive the
+    clean-up of children the spec no longer wants."""
+    kubectl.apply(mep("tidy", namespace, model="m/tidy", gpus=0, ingress={"enabled": True},
+                      allowUnauthenticated=True, modelCache={"size": "1Gi"}))
+    wait_phase(kubectl, namespace, "tidy", "Progressing", timeout=60)
+    wait_for(lambda: kubectl.get("ingress", "tidy", namespace) and kubectl.get("pvc", "tidy-cache", namespace),
+             timeout=30, what="the operator's Ingress and cache PVC")
+    labels = {"app.kubernetes.io/managed-by": "modelendpoint-operator", "serving.modelendpoint.dev/endpoint": "tidy"}
+    kubectl.apply([
+        {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+         "metadata": {"name": "users-ingress", "namespace": namespace, "labels": labels},
+         "spec": {"rules": [{"http": {"paths": [{"path": "/mine", "pathType": "Prefix", "backend": {
+             "service": {"name": "mine", "port": {"number": 80}}}}]}}]}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+         "metadata": {"name": "users-data", "namespace": namespace, "labels": labels},
+         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}},
+    ])
+    # The spec no longer wants an Ingress nor a cache PVC: the operator's go, the user's stay.
+    kubectl("patch", "mep", "tidy", "-n", namespace, "--type=merge", "-p",
+            '{"spec": {"ingress": {"enabled": false}, "modelCache": null}}')
+    def gone_or_going(kind: str, name: str) -> bool:
+        obj = kubectl.get(kind, name, namespace)
+        return obj is None or bool(obj["metadata"].get("deletionTimestamp"))  # a PVC waits for its users
+
+    wait_for(lambda: gone_or_going("ingress", "tidy") and gone_or_going("pvc", "tidy-cache"),
+             timeout=30, what="the operator's own Ingress and PVC to be deleted")
+    assert kubectl.get("ingress", "users-ingress", namespace) is not None
+    pvc = kubectl.get("pvc", "users-data", namespace)
+    assert pvc is not None and not pvc["metadata"].get("deletionTimestamp")
+
+
+def test_a_refused_child_is_degraded_with_the_api_servers_message(kubectl: Kubectl, namespace: str) -> None:
+    """Issue 13, item 10: a 403 (here a ResourceQuota) is shown in the status and retried,
+    not hidden as a transient error; once the quota allows it, the endpoint recovers."""
+    kubectl.apply({"apiVersion": "v1", "kind": "ResourceQuota",
+                   "metadata": {"name": "no-ingresses", "namespace": namespace},
+                   "spec": {"hard": {"count/ingresses.networking.k8s.io": "0"}}})
+    wait_for(lambda: (kubectl.get("resourcequota", "no-ingresses", namespace) or {}).get("status", {}).get("hard"),
+             timeout=30, what="the quota to be in force")
+    kubectl.apply(mep("quota", namespace, model="m/quota", gpus=0, ingress={"enabled": True},
+                      allowUnauthenticated=True))
+    obj = wait_phase(kubectl, namespace, "quota", "Degraded", timeout=60)
+    assert "exceeded quota" in obj["status"]["message"] and "Ingress quota" in obj["status"]["message"]
+    reasons = {c["type"]: c["reason"] for c in obj["status"]["conditions"]}
+    assert reasons["Degraded"] == "Forbidden"
+    kubectl("delete", "resourcequota", "no-ingresses", "-n", namespace)
+    # Retried with backoff (at most a minute apart): the Ingress comes, the phase leaves Degraded.
+    wait_for(lambda: kubectl.get("ingress", "quota", namespace), timeout=90, what="the Ingress after the quota went")
+    wait_phase(kubectl, namespace, "quota", "Ready", timeout=90)
