@@ -35,6 +35,14 @@ from typing import Any
 import httpx
 import pytest
 
+import conformance
+from conformance import (  # noqa: F401 - the conformance matrix's hooks, active through this plugin
+    pytest_addoption,
+    pytest_collection_finish,
+    pytest_deselected,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+)
 from localcluster import free_port, free_ports  # noqa: F401 - free_port: re-exported for the tests
 
 ENDPOINT_ID = "ep-test-1"
@@ -324,6 +332,25 @@ def make_lora_adapter(model_dir: Path, out: Path, seed: int, rank: int = 8) -> P
     return out
 
 
+JS_DIR = Path(__file__).resolve().parent / "js"
+
+
+def run_node(script: str, server: RuntimeServer, extra_env: dict[str, str] | None = None) -> dict:
+    """Run a tests/js script with the official openai npm package against ``server``; its last JSON line."""
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed; the JavaScript client tests need Node.js 20")
+    if not (JS_DIR / "node_modules" / "openai").is_dir():
+        pytest.fail("the openai npm package is missing; run `make node-deps`")
+    env = dict(os.environ, RUNTIME_BASE_URL=server.base_url, RUNTIME_API_KEY=server.api_key, RUNTIME_MODEL=server.model)
+    env.update(extra_env or {})
+    proc = subprocess.run([node, str(JS_DIR / script)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def openai_client(runtime_server: RuntimeServer):
     """The official OpenAI Python SDK, aimed at the runtime like the guide says."""
@@ -335,6 +362,7 @@ def openai_client(runtime_server: RuntimeServer):
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    conformance.configure(config)
     config.addinivalue_line(
         "markers", "runtime_drain: SIGTERMs the shared runtime server; runs after every other test"
     )

@@ -1,9 +1,17 @@
 """Configurations other than the shared server's, without ever running two engines.
 
 * The served name defaulting to MODEL_NAME, a non-default OPENAI_RESPONSE_ROLE,
-  RAW_OPENAI_OUTPUT=0 (NDJSON by default), no API_KEY/API_KEY_FILE (no auth) and no
-  ENDPOINT_ID (any id): a second server, started only after the shared one
-  has exited (``runtime_after_drain``).
+  RAW_OPENAI_OUTPUT=0 (NDJSON by default), no API_KEY/API_KEY_FILE (no auth), no
+  ENDPOINT_ID (any id), and a reasoning parser (REASONING_PARSER): a second
+  server, started only after the shared one has exited (``runtime_after_drain``).
+  No small reasoning model is available offline, so the test makes the
+  embedded model emit the ``granite`` parser's plain-text markers ("Here is
+  my thought process:" ... "Here is my response:") with a regex structured
+  output, which needs the grammar applied inside the reasoning section
+  (STRUCTURED_OUTPUTS_CONFIG ``enable_in_reasoning``). That shows the
+  parser reaches vLLM and its split reaches the client (``reasoning`` and
+  ``reasoning_content``, whole and as streamed deltas); not that a real
+  reasoning model reasons.
 * A setting vLLM itself rejects (MAX_MODEL_LEN beyond the model's) stops the
   process with one line naming the variable; no engine is started for it.
 * SIGTERM while the model is still loading stops the process at once (exit
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,13 +32,23 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conformance import HTTP, NO, PY, YES, Row
 from fixtures_runtime import RUNTIME_TEST_ENV, free_port, start_runtime, stop_shared_runtime
 from processes import running
 from waiting import wait_for
 
+# The granite parser's markers, forced by a regex: reasoning, then the answer.
+REASONING_RE = r"Here is my thought process: [a-z]+( [a-z]+){2,5}\. Here is my response: [A-Z][a-z]+( [a-z]+){0,4}\."
+
 
 @pytest.mark.runtime_after_drain
-def test_served_name_default_role_ndjson_and_no_auth(runtime_server, embedded_model_dir, tmp_path):
+@pytest.mark.conformance(
+    Row("POST /chat/completions", "REASONING_PARSER: reasoning and reasoning_content", PY, NO),
+    Row("POST /chat/completions", "REASONING_PARSER: reasoning and reasoning_content", HTTP, YES),
+    Row("POST /chat/completions", "structured_outputs: regex", PY, NO),
+)
+def test_served_name_default_role_ndjson_no_auth_and_a_reasoning_parser(runtime_server, embedded_model_dir,
+                                                                        tmp_path):
     # The shared server is done (the drain test SIGTERMed it); make sure
     # before starting this one.
     runtime_server.stop()
@@ -38,7 +57,8 @@ def test_served_name_default_role_ndjson_and_no_auth(runtime_server, embedded_mo
         embedded_model_dir,
         tmp_path / "runtime-2.log",
         {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "", "OPENAI_RESPONSE_ROLE": "narrator", "RAW_OPENAI_OUTPUT": "0",
-         "API_KEY_FILE": None, "ENDPOINT_ID": ""},  # fmt: skip
+         "API_KEY_FILE": None, "ENDPOINT_ID": "", "REASONING_PARSER": "granite",
+         "STRUCTURED_OUTPUTS_CONFIG": json.dumps({"enable_in_reasoning": True})},  # fmt: skip
     )
     try:
         name = str(embedded_model_dir)
@@ -64,6 +84,25 @@ def test_served_name_default_role_ndjson_and_no_auth(runtime_server, embedded_mo
         assert "[DONE]" not in r.text and chunks[-1]["choices"][0]["finish_reason"] == "length"
 
         assert httpx.post(base + "/chat/completions", json=body | {"model": "smollm2-135m-instruct"}).status_code == 404
+
+        # The reasoning parser's split, whole...
+        ask = {"messages": [{"role": "user", "content": "Think, then answer."}], "max_tokens": 48, "temperature": 0}
+        forced = {"structured_outputs": {"regex": REASONING_RE}}
+        whole = client.chat.completions.create(model=name, extra_body=forced, **ask)
+        message = whole.choices[0].message.model_dump()
+        reasoning, content = message["reasoning"], message["content"]
+        assert re.fullmatch(r" ?[a-z]+( [a-z]+){2,5}\. ?", reasoning), message
+        assert re.fullmatch(r" ?[A-Z][a-z]+( [a-z]+){0,4}\.", content), message
+        assert message["reasoning_content"] == reasoning  # the older field name too
+        # ...and streamed: reasoning deltas first, then content deltas, adding up to the same.
+        r = httpx.post(base + "/chat/completions", json={"model": name, "stream": True, **ask, **forced}, timeout=120)
+        deltas = [json.loads(line)["choices"][0]["delta"] for line in r.text.splitlines() if '"choices":[{' in line]
+        streamed_reasoning = "".join(d.get("reasoning") or "" for d in deltas)
+        assert streamed_reasoning == reasoning
+        assert "".join(d.get("content") or "" for d in deltas) == content
+        assert all(d.get("reasoning_content") == d["reasoning"] for d in deltas if d.get("reasoning"))
+        first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+        assert not any(d.get("reasoning") for d in deltas[first_content:])
     finally:
         assert server.stop() == 0
 

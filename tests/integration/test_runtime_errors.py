@@ -10,6 +10,12 @@ import httpx
 import openai
 import pytest
 
+from conformance import HTTP, NA, PY, Row
+
+H = "POST /chat/completions"
+C = "POST /completions"
+M = "GET /models"
+
 
 def assert_openai_error(r: httpx.Response, status: int, code=..., param=...) -> dict:
     assert r.status_code == status, r.text
@@ -40,6 +46,10 @@ def chat_body(server, **kw):
 # auth -----------------------------------------------------------------------
 
 
+@pytest.mark.conformance(
+    Row(H, "401 without or with a wrong key", HTTP, NA),
+    Row(M, "401 without a key", HTTP, NA),
+)
 def test_missing_and_wrong_key_are_401(runtime_server):
     url = runtime_server.base_url + "/models"
     assert_openai_error(httpx.get(url), 401, "invalid_api_key")
@@ -52,6 +62,9 @@ def test_missing_and_wrong_key_are_401(runtime_server):
     assert_openai_error(r, 401, "invalid_api_key")
 
 
+@pytest.mark.conformance(
+    Row(M, "401: AuthenticationError", PY, NA),
+)
 def test_sdk_authentication_error(runtime_server):
     client = openai.OpenAI(api_key="wrong", base_url=runtime_server.base_url, max_retries=0)
     with pytest.raises(openai.AuthenticationError) as exc:
@@ -76,6 +89,9 @@ def test_keys_never_appear_in_logs(runtime_server):
 # routing and model ----------------------------------------------------------
 
 
+@pytest.mark.conformance(
+    Row(H, "under /openai/v1, /v1 and /v2/{endpoint_id}/openai/v1", HTTP, NA),
+)
 def test_all_route_prefixes_behave_the_same(runtime_server):
     h = runtime_server.headers
     for prefix in ("/openai/v1", "/v1", f"/v2/{runtime_server.endpoint_id}/openai/v1"):
@@ -87,6 +103,9 @@ def test_all_route_prefixes_behave_the_same(runtime_server):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
 
 
+@pytest.mark.conformance(
+    Row(M, "the list's shape (one model, owned_by)", HTTP, NA),
+)
 def test_models_list_shape(http, runtime_server):
     body = http.get("/models").json()
     assert body["object"] == "list"
@@ -97,17 +116,27 @@ def test_models_list_shape(http, runtime_server):
     assert_openai_error(http.get("/models/gpt-4"), 404, "model_not_found")
 
 
+@pytest.mark.conformance(
+    Row(M, "another endpoint id: 404 endpoint_not_found", HTTP, NA),
+)
 def test_other_endpoint_id_is_404(runtime_server):
     r = httpx.get(runtime_server.root_url + "/v2/another-endpoint/openai/v1/models", headers=runtime_server.headers)
     assert_openai_error(r, 404, "endpoint_not_found")
 
 
+@pytest.mark.conformance(
+    Row(H, "404 for an unknown model", HTTP, NA),
+    Row(C, "404 for an unknown model", HTTP, NA),
+)
 def test_unknown_model_is_404(http, runtime_server):
     for path, body in (("/chat/completions", chat_body(runtime_server, model="gpt-4")),
                        ("/completions", {"model": "gpt-4", "prompt": "x"})):  # fmt: skip
         assert_openai_error(http.post(path, json=body), 404, "model_not_found", "model")
 
 
+@pytest.mark.conformance(
+    Row(H, "404: NotFoundError", PY, NA),
+)
 def test_sdk_not_found_error(openai_client):
     with pytest.raises(openai.NotFoundError) as exc:
         openai_client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
@@ -116,13 +145,18 @@ def test_sdk_not_found_error(openai_client):
 
 def test_unknown_path_and_method(runtime_server):
     h = runtime_server.headers
-    assert_openai_error(httpx.get(runtime_server.root_url + "/v1/embeddings", headers=h), 404, "unknown_url")
+    assert_openai_error(httpx.get(runtime_server.root_url + "/v1/audio/speech", headers=h), 404, "unknown_url")
     assert_openai_error(httpx.get(runtime_server.base_url + "/completions", headers=h), 405)
+    assert_openai_error(httpx.get(runtime_server.base_url + "/embeddings", headers=h), 405)
 
 
 # validation -----------------------------------------------------------------
 
 
+@pytest.mark.conformance(
+    Row(H, "schema violations: 400 naming the field", HTTP, NA),
+    Row(C, "schema violations: 400 naming the field", HTTP, NA),
+)
 @pytest.mark.parametrize(
     ("path", "patch", "param"),
     [
@@ -145,6 +179,10 @@ def test_schema_violation_is_400_naming_the_field(http, runtime_server, path, pa
     assert_openai_error(http.post(path, json=body), 400, param=param)
 
 
+@pytest.mark.conformance(
+    Row(H, "model required: 400 missing_required_parameter", PY, NA),
+    Row(C, "model required: 400 missing_required_parameter", HTTP, NA),
+)
 def test_missing_model_is_400(http, openai_client):
     for path, body in (("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
                        ("/completions", {"prompt": "Hi", "max_tokens": 1})):  # fmt: skip
@@ -163,12 +201,18 @@ def test_missing_required_field_is_400(http, runtime_server):
     assert_openai_error(http.post("/completions", json={"model": runtime_server.model}), 400)
 
 
+@pytest.mark.conformance(
+    Row(C, "400 for a malformed body", HTTP, NA),
+)
 @pytest.mark.parametrize("raw", [b"", b"{", b"[1,2]", b'"text"', b"\xff\xfe", b"null"])
 def test_malformed_json_is_400_never_422(http, raw):
     r = http.post("/completions", content=raw, headers={"content-type": "application/json"})
     assert_openai_error(r, 400)
 
 
+@pytest.mark.conformance(
+    Row(H, "400: BadRequestError", PY, NA),
+)
 def test_sdk_bad_request_error(openai_client, runtime_server):
     with pytest.raises(openai.BadRequestError) as exc:
         openai_client.chat.completions.create(
@@ -180,6 +224,10 @@ def test_sdk_bad_request_error(openai_client, runtime_server):
 # limits ---------------------------------------------------------------------
 
 
+@pytest.mark.conformance(
+    Row(H, "LIMIT_* caps: 400 naming the parameter", HTTP, NA),
+    Row(C, "LIMIT_* caps: 400 naming the parameter", HTTP, NA),
+)
 @pytest.mark.parametrize(
     ("path", "patch", "param"),
     [
@@ -200,6 +248,9 @@ def test_caps_are_400(http, runtime_server, path, patch, param):
     assert_openai_error(http.post(path, json=body), 400, param=param)
 
 
+@pytest.mark.conformance(
+    Row(C, "body over MAX_REQUEST_BODY_BYTES: 413 (also chunked)", HTTP, NA),
+)
 def test_body_over_limit_is_413(http, runtime_server):
     big = "word " * (300 * 1024 // 5)  # > MAX_REQUEST_BODY_BYTES (256 KiB)
     r = http.post("/completions", json={"model": runtime_server.model, "prompt": big, "max_tokens": 1})
@@ -222,6 +273,10 @@ def test_sdk_413(openai_client, runtime_server):
     assert exc.value.status_code == 413 and exc.value.code == "request_too_large"
 
 
+@pytest.mark.conformance(
+    Row(C, "prompt beyond the context: 400 context_length_exceeded", HTTP, NA),
+    Row(H, "prompt beyond the context: 400 context_length_exceeded", PY, NA),
+)
 def test_prompt_longer_than_context_is_400_context_length_exceeded(http, openai_client, runtime_server):
     long_text = "hello " * 3000  # ~3000 tokens > MAX_MODEL_LEN 2048, < 256 KiB
     r = http.post("/completions", json={"model": runtime_server.model, "prompt": long_text, "max_tokens": 1})

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from conformance import BOTH, JS, NA, NO, PY, YES, Row
+
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "openai-compatibility.md"
 GUIDE_URL = "https://api.runpod.ai/v2/ENDPOINT_ID/openai/v1"
@@ -66,6 +68,11 @@ def test_the_guide_yields_every_example():
                                                 GUIDE_PYTHON_BLOCKS[6], GUIDE_JAVASCRIPT_BLOCKS[0]))
 
 
+@pytest.mark.conformance(
+    Row("POST /chat/completions", "the guide's examples: messages, model (its response format)", PY, BOTH),
+    Row("POST /completions", "the guide's examples: prompt, model, max_tokens", PY, BOTH),
+    Row("GET /models", "the guide's example: models.list()", PY, NA),
+)
 def test_python_examples_run_unchanged(runtime_server):
     # The examples build on each other (later ones reuse `client` and
     # `MODEL_NAME`), as a reader running them in order would.
@@ -125,6 +132,7 @@ def _run_node(script: Path, server, extra_env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.conformance(Row("POST /chat/completions", "the guide's example: messages, model", JS, NO))
 def test_javascript_example_runs_unchanged(runtime_server, tmp_path):
     (block,) = GUIDE_JAVASCRIPT_BLOCKS
     code = _replace(block, runtime_server)
@@ -140,6 +148,11 @@ def test_javascript_example_runs_unchanged(runtime_server, tmp_path):
     assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
 
 
+@pytest.mark.conformance(
+    Row("POST /chat/completions", "stream, stream_options.include_usage", JS, YES),
+    Row("GET /models", "401: AuthenticationError", JS, NA),
+    Row("POST /chat/completions", "404: NotFoundError", JS, NA),
+)
 def test_javascript_sdk_streams_and_raises_its_error_classes(runtime_server):
     out = _run_node(REPO / "tests" / "js" / "errors_and_stream.mjs", runtime_server)
     assert out["text"] and out["roles"] == ["assistant"]

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import pytest
 
+from conformance import NO, PY, YES, Row
+
+C = "POST /completions"
+H = "POST /chat/completions"
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Say yes or no."}]
 
@@ -50,6 +54,10 @@ EXTRAS = {
 }  # fmt: skip
 
 
+@pytest.mark.conformance(
+    Row(C, "max_tokens", PY, NO),
+    Row(H, "max_tokens", PY, NO),
+)
 def test_max_tokens_bounds_completion_tokens(c, chat):
     r = c(max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
@@ -57,12 +65,14 @@ def test_max_tokens_bounds_completion_tokens(c, chat):
     assert r.usage.completion_tokens == 2
 
 
+@pytest.mark.conformance(Row(C, "temperature", PY, NO))
 def test_temperature_zero_is_deterministic(c):
     a = c(max_tokens=8, temperature=0).choices[0].text
     b = c(max_tokens=8, temperature=0).choices[0].text
     assert a == b and a
 
 
+@pytest.mark.conformance(Row(C, "seed", PY, NO))
 def test_seed_reproduces_a_sampled_answer(c):
     kw = dict(max_tokens=12, temperature=1.5, top_p=1.0)
     a = c(seed=1234, **kw).choices[0].text
@@ -73,12 +83,17 @@ def test_seed_reproduces_a_sampled_answer(c):
     assert len(others | {a}) > 1
 
 
+@pytest.mark.conformance(Row(C, "n", PY, NO), Row(H, "n", PY, NO))
 def test_n_gives_n_choices(c, chat):
     r = c(n=3, max_tokens=2, temperature=1.0, seed=5)
     assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
     assert len(chat(n=2, max_tokens=2).choices) == 2
 
 
+@pytest.mark.conformance(
+    Row(C, "stop (string and list)", PY, NO),
+    Row(C, "include_stop_str_in_output", PY, NO),
+)
 def test_stop_string_and_list_and_include_stop_str(c):
     full = c(max_tokens=10, temperature=0).choices[0].text  # " Paris.\n\nThe answer is:" or so
     word = full.strip().split()[0][:3]  # a piece of the first word
@@ -92,11 +107,16 @@ def test_stop_string_and_list_and_include_stop_str(c):
     assert r.choices[0].text.endswith(word)
 
 
+@pytest.mark.conformance(Row(C, "echo", PY, NO))
 def test_echo_prefixes_the_prompt(c):
     r = c(max_tokens=3, temperature=0, echo=True)
     assert r.choices[0].text.startswith(PROMPT) and len(r.choices[0].text) > len(PROMPT)
 
 
+@pytest.mark.conformance(
+    Row(C, "logprobs", PY, NO),
+    Row(H, "logprobs, top_logprobs", PY, NO),
+)
 def test_logprobs_are_returned(c, chat):
     r = c(max_tokens=3, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
@@ -107,6 +127,11 @@ def test_logprobs_are_returned(c, chat):
     assert len(content) == 2 and all(len(t.top_logprobs) == 2 for t in content)
 
 
+@pytest.mark.conformance(
+    Row(C, "top_p", PY, NO),
+    Row(C, "top_k", PY, NO),
+    Row(C, "min_p", PY, NO),
+)
 def test_top_p_top_k_min_p_narrow_sampling_to_greedy(c):
     greedy = c(max_tokens=8, temperature=0).choices[0].text
     # Each of these alone leaves only the most likely token at every step, so
@@ -115,6 +140,11 @@ def test_top_p_top_k_min_p_narrow_sampling_to_greedy(c):
         assert c(max_tokens=8, temperature=2.0, seed=7, **kw).choices[0].text == greedy, kw
 
 
+@pytest.mark.conformance(
+    Row(C, "presence_penalty", PY, NO),
+    Row(C, "frequency_penalty", PY, NO),
+    Row(C, "repetition_penalty", PY, NO),
+)
 def test_penalties_change_greedy_output(c):
     prompt = "one two one two one two one two one two"
     base = c(prompt=prompt, max_tokens=8, temperature=0).choices[0].text
@@ -122,17 +152,20 @@ def test_penalties_change_greedy_output(c):
         assert c(prompt=prompt, max_tokens=8, temperature=0, **kw).choices[0].text != base, kw
 
 
+@pytest.mark.conformance(Row(C, "logit_bias", PY, NO))
 def test_logit_bias_forces_a_token(c, tok):
     token_id = tok.encode(" banana", add_special_tokens=False)[0]
     r = c(max_tokens=3, temperature=0, logit_bias={str(token_id): 100})
     assert r.choices[0].text == tok.decode([token_id] * 3)
 
 
+@pytest.mark.conformance(Row(C, "user", PY, NO), Row(H, "user", PY, NO))
 def test_user_is_accepted(c, chat):
     assert c(max_tokens=1, user="user-123").choices[0].text is not None
     assert chat(max_tokens=1, user="user-123").choices
 
 
+@pytest.mark.conformance(Row(H, "ignore_eos", PY, NO))
 def test_ignore_eos_generates_past_the_end(chat):
     r = chat(max_tokens=48, temperature=0)
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 48  # the model stops by itself
@@ -140,6 +173,7 @@ def test_ignore_eos_generates_past_the_end(chat):
     assert r.usage.completion_tokens == 48 and r.choices[0].finish_reason == "length"
 
 
+@pytest.mark.conformance(Row(C, "stop_token_ids", PY, NO))
 def test_stop_token_ids_end_generation(c, tok):
     full = c(max_tokens=10, temperature=0)
     ids = tok.encode(full.choices[0].text, add_special_tokens=False)
@@ -149,6 +183,7 @@ def test_stop_token_ids_end_generation(c, tok):
     assert r.usage.completion_tokens < full.usage.completion_tokens
 
 
+@pytest.mark.conformance(Row(C, "skip_special_tokens", PY, NO))
 def test_skip_special_tokens(c, tok):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     kw = dict(max_tokens=3, temperature=0, logit_bias={str(im_end): 100}, ignore_eos=True)
@@ -160,12 +195,17 @@ def test_skip_special_tokens(c, tok):
     # reaches vLLM's SamplingParams.
 
 
+@pytest.mark.conformance(Row(H, "add_generation_prompt", PY, NO))
 def test_add_generation_prompt_changes_the_prompt(chat):
     with_prompt = chat(max_tokens=1, temperature=0).usage.prompt_tokens
     without = chat(max_tokens=1, temperature=0, add_generation_prompt=False).usage.prompt_tokens
     assert with_prompt > without  # "<|im_start|>assistant\n" is no longer appended
 
 
+@pytest.mark.conformance(
+    Row(C, "use_beam_search, best_of (beam width)", PY, NO),
+    Row(H, "use_beam_search, length_penalty", PY, NO),
+)
 def test_beam_search_best_of_and_length_penalty(c, chat):
     r = c(max_tokens=8, temperature=0, use_beam_search=True, n=2)
     assert len(r.choices) == 2 and r.choices[0].text != r.choices[1].text
@@ -182,6 +222,10 @@ def test_best_of_without_beam_search(c):
     assert len(c(max_tokens=2, n=2, best_of=2).choices) == 2  # best_of == n: fine
 
 
+@pytest.mark.conformance(
+    Row(C, "best_of (highest cumulative logprob)", PY, NO),
+    Row(H, "best_of (highest cumulative logprob)", PY, NO),
+)
 def test_best_of_returns_the_sample_with_the_highest_cumulative_logprob(c, chat):
     # best_of=3 samples 3 sequences in the engine and returns the most likely
     # one. With a seed, the same request with n=3 and logprobs shows the three
@@ -214,6 +258,7 @@ def test_best_of_returns_the_sample_with_the_highest_cumulative_logprob(c, chat)
     assert [ch.text.startswith(p) for ch, p in zip(batch.choices, prompts, strict=True)] == [True, True]
 
 
+@pytest.mark.conformance(Row(C, "temperature omitted: the guide's 0.7", PY, NO))
 def test_omitted_temperature_defaults_to_the_guides_0_7(c, runtime_server):
     # The runtime passes the guide's default through vLLM's
     # --override-generation-config: a request without temperature samples
@@ -281,16 +326,28 @@ def _chat_skip_special_tokens(chat, tok):
     assert chat(skip_special_tokens=False, **kw).choices[0].message.content == "<|im_end|>" * 3
 
 
+def _case(check, *features: str):
+    return pytest.param(check, id=check.__name__.removeprefix("_chat_"),
+                        marks=pytest.mark.conformance(*(Row(H, f, PY, NO) for f in features)))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "check",
-    [_chat_stop, _chat_include_stop_str, _chat_seed, _chat_top_k_min_p, _chat_logit_bias, _chat_stop_token_ids,
-     _chat_skip_special_tokens],  # fmt: skip
-    ids=lambda f: f.__name__.removeprefix("_chat_"),
+    [
+        _case(_chat_stop, "stop (list)"),
+        _case(_chat_include_stop_str, "stop (string), include_stop_str_in_output"),
+        _case(_chat_seed, "seed"),
+        _case(_chat_top_k_min_p, "top_k", "min_p"),
+        _case(_chat_logit_bias, "logit_bias"),
+        _case(_chat_stop_token_ids, "stop_token_ids"),
+        _case(_chat_skip_special_tokens, "skip_special_tokens"),
+    ],
 )
 def test_chat_parameters_reach_the_engine(chat, tok, check):
     check(chat, tok)
 
 
+@pytest.mark.conformance(Row(H, "stream, stream_options.include_usage, role in the first delta", PY, YES))
 def test_stream_options_include_usage_and_role_in_deltas(openai_client, runtime_server):
     stream = openai_client.chat.completions.create(
         model=runtime_server.model, messages=CHAT, max_tokens=4, temperature=0, stream=True,
@@ -307,6 +364,7 @@ def test_stream_options_include_usage_and_role_in_deltas(openai_client, runtime_
     assert all(ch.usage is None for ch in stream)
 
 
+@pytest.mark.conformance(Row(C, "stream: the same text as not streamed", PY, YES))
 def test_streamed_text_equals_non_streamed_text(openai_client, runtime_server, c):
     full = c(max_tokens=8, temperature=0).choices[0].text
     stream = openai_client.completions.create(
