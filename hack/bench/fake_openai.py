@@ -6,9 +6,9 @@ Each ``POST .../chat/completions`` with ``"stream": true`` gets response
 headers and a first chunk (the role) at once, then ``--chunks`` content
 chunks ``--interval`` seconds apart, then ``data: [DONE]``, chunked like
 uvicorn sends them. Every chunk is formatted once at start-up and each stream
-is one timer per chunk, so thousands of concurrent streams cost this process
-little: the benchmark measures the proxy, not this server. Also answers
-``GET /health``, ``/v1/models`` and anything else with small JSON (vllm-router
+is one timer at a time (each chunk schedules the next), so thousands of
+concurrent streams cost this process little: the benchmark measures the
+proxy, not this server. Also answers ``GET /health``, ``/v1/models`` and anything else with small JSON (vllm-router
 probes workers), and non-streaming requests with one JSON answer.
 """
 
@@ -100,9 +100,13 @@ class Conn(asyncio.Protocol):
             body = b"".join(self.body)
             if b'"stream":true' in body.replace(b" ", b""):
                 t.write(STREAM_HEAD + FIRST)
+                # One pending timer per stream, each chunk scheduling the next on the same absolute
+                # pace: uvloop's call_at turns the time into a delay from its cached clock while the
+                # timer's start reads a fresh one, so timers scheduled together in one callback that
+                # the OS preempts can fire out of order (a chunk after [DONE], measured as a lost
+                # chunk here and an extra one in the connection's next stream).
                 start = self.loop.time()
-                for i in range(1, self.chunks + 1):
-                    self.loop.call_at(start + i * self.interval, self._send, i)
+                self.loop.call_at(start + self.interval, self._send, 1, start)
                 return
             t.write(ANSWER)
         elif path.endswith(b"/models"):
@@ -110,11 +114,13 @@ class Conn(asyncio.Protocol):
         else:
             t.write(OK)
 
-    def _send(self, i: int) -> None:
+    def _send(self, i: int, start: float) -> None:
         t = self.transport
         if t is None:
             return
         t.write(TOKENS[(i - 1) % len(TOKENS)] + (LAST if i == self.chunks else b""))
+        if i < self.chunks:
+            self.loop.call_at(start + (i + 1) * self.interval, self._send, i + 1, start)
 
 
 async def serve(port: int) -> None:
