@@ -74,9 +74,19 @@ OPERATOR_SET_VARIABLES: tuple[str, ...] = (
     "API_KEY_FILE", "VLLM_EXTRA_ARGS", "TENSOR_PARALLEL_SIZE", "CHAT_TEMPLATE", "RUNNER", "CONVERT",
     "ADAPTERS_FILE", "ENABLE_LORA",
 )
-# vLLM options the runtime sets itself: refused in engine.extraArgs by the CRD (and in
-# VLLM_EXTRA_ARGS by the runtime).
+# vLLM options the runtime refuses (it sets them itself, or they configure vLLM's own HTTP
+# server or launcher, which the runtime replaces): refused in engine.extraArgs by the CRD,
+# as the runtime refuses them in VLLM_EXTRA_ARGS. tests/unit/test_operator_crd.py checks
+# this list against the runtime's (derived from vLLM's classes).
 RUNTIME_OWNED_OPTIONS: tuple[str, ...] = (
     "--host", "--port", "--api-key", "--served-model-name", "--model", "--config", "--response-role",
-    "--uds", "--root-path",
+    "--allow-credentials", "--allowed-headers", "--allowed-methods", "--allowed-origins",
+    "--api-server-count", "--data-parallel-supervisor-port", "--disable-access-log-for-endpoints",
+    "--disable-fastapi-docs", "--disable-uvicorn-access-log", "--dp-supervisor-probe-failure-threshold",
+    "--dp-supervisor-probe-interval-s", "--dp-supervisor-probe-timeout-s", "--enable-offline-docs",
+    "--enable-request-id-headers", "--enable-scale-out", "--enable-ssl-refresh",
+    "--enable-tokenizer-info-endpoint", "--grpc", "--grpc-port", "--h11-max-header-count",
+    "--h11-max-incomplete-event-size", "--headless", "--middleware", "--root-path", "--ssl-ca-certs",
+    "--ssl-cert-reqs", "--ssl-certfile", "--ssl-ciphers", "--ssl-keyfile", "--tokens-only", "--uds",
+    "--uvicorn-log-level",
 )

@@ -160,3 +160,11 @@ def test_quantities_are_never_negative() -> None:
         for bad in ("-1Gi", "-5Gi", "+1Gi", "-1", "-0.5"):
             assert not pattern.match(bad), (path, bad)
         assert node.get("minimum") == 0, path  # an integer value: no pattern applies
+
+
+def test_the_crd_refuses_every_option_the_runtime_refuses() -> None:
+    """One list in two packages (the operator must not import vLLM): kept equal here."""
+    from modelendpoint_runtime.engine import refused_options
+
+    runtime = {"--" + dest.replace("_", "-") for dest in refused_options() if dest != "model_tag"}
+    assert set(c.RUNTIME_OWNED_OPTIONS) == runtime
