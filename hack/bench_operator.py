@@ -15,11 +15,8 @@ the command that produced it, into docs/benchmarks.md between the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import signal
 import subprocess
 import sys
@@ -34,14 +31,12 @@ HACK = Path(__file__).resolve().parent
 REPO = HACK.parent
 sys.path.insert(0, str(HACK))
 
+import benchdoc  # noqa: E402
 import localcluster  # noqa: E402
 import testbed_nodes  # noqa: E402
 
 GROUP, VERSION, PLURAL = "serving.modelendpoint.dev", "v1alpha1", "modelendpoints"
 OPERATOR_BIN = Path(sys.executable).parent / "modelendpoint-operator"
-DOC = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- bench-operator:start -->", "<!-- bench-operator:end -->"
-AFTER = "<!-- bench-runtime:end -->"  # where the section goes when it is not there yet
 # The issue's targets: every ModelEndpoint converged within, the operator's peak memory under.
 TARGET_TOTAL_S, TARGET_PEAK_MIB = 120.0, 150.0
 
@@ -266,10 +261,10 @@ def main() -> int:
             "phases": phases,
         }
         print(json.dumps(result, indent=2))
-        section = render(result, command(sys.argv[1:]))
+        section = render(result, benchdoc.command("hack/bench_operator.py", "bench-operator", sys.argv[1:]))
         print(section)
         if not args.no_write:
-            write_doc(section)
+            benchdoc.write_section("operator", section, after="runtime")
         return 0
     finally:
         tracker.stop.set()
@@ -282,28 +277,8 @@ def main() -> int:
         cp.stop()
 
 
-def command(argv: list[str]) -> str:
-    """The command line that produced the results, in Markdown."""
-    python = Path(sys.executable)
-    if python.is_relative_to(REPO):
-        python = python.relative_to(REPO)
-    line = shlex.join([str(python), "hack/bench_operator.py", *argv])
-    return f"`{line}`" if argv else f"`make bench-operator` (= `{line}`)"
-
-
-def _met(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
-
 def render(r: dict, cmd: str) -> str:
     """The docs section (Markdown, without the markers) for the results ``r``."""
-    cpus = os.cpu_count()
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.0f} GiB RAM"
-    except OSError:
-        pass
     phases = ", ".join(f"{k} {v}" for k, v in sorted(r["phases"].items()))
     all_requests = (r["reconciler_requests_per_object"] + r["kopf_patches_per_object"]
                     + r["event_posts_per_object"])
@@ -325,10 +300,10 @@ the time per object counts from the ModelEndpoint's creation.
 | Time to converge per object, p99 | {r['p99']:.2f} s | | |
 | Time to converge per object, max | {r['max']:.2f} s | | |
 | All {r['count']:,} converged after (from the first create) | {r['total']:.1f} s \
-| within {TARGET_TOTAL_S:.0f} s | {_met(r['total'] <= TARGET_TOTAL_S)} |
+| within {TARGET_TOTAL_S:.0f} s | {benchdoc.met(r['total'] <= TARGET_TOTAL_S)} |
 | Creating them took (client side) | {r['created_in']:.1f} s | | |
 | Operator peak resident memory (VmHWM) | {r['peak_rss_mib']:.0f} MiB \
-| under {TARGET_PEAK_MIB:.0f} MiB | {_met(r['peak_rss_mib'] < TARGET_PEAK_MIB)} |
+| under {TARGET_PEAK_MIB:.0f} MiB | {benchdoc.met(r['peak_rss_mib'] < TARGET_PEAK_MIB)} |
 | API requests of the reconciler per object (applies, status patches, reads) \
 | {r['reconciler_requests_per_object']:.2f} | | |
 | PATCHes of ModelEndpoints per object (kopf's bookkeeping; none: no change handlers) \
@@ -350,33 +325,9 @@ streams and their initial LISTs (one per resource kind, not per object), kopf's
 peering keep-alives and the operator's reads of the peering object (per period, not
 per object), and the requests before the first create.
 
-Machine: {cpus} CPUs, {mem}, {platform.python_implementation()} {platform.python_version()},
-measured {datetime.date.today().isoformat()}; the machine was shared with other work,
-so times are an upper bound.
+Machine: {benchdoc.machine()}; the machine was shared with other work, so times
+are an upper bound.
 """
-
-
-def write_doc(section: str) -> None:
-    """Put ``section`` between the bench-operator markers of docs/benchmarks.md.
-
-    Replaces what is there; without the markers, the section goes right after the
-    runtime section (or at the end). The rest of the file is left as it is.
-    """
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if (START in text) != (END in text):
-        raise SystemExit(f"{DOC} has only one of {START} and {END}; fix it by hand")
-    if START in text:
-        head, _, rest = text.partition(START)
-        text = head + block + rest.partition(END)[2]
-    elif AFTER in text:
-        head, _, tail = text.partition(AFTER)
-        tail = tail.lstrip("\n")
-        text = f"{head}{AFTER}\n\n{block}\n" + (f"\n{tail}" if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(text)
-    print(f"wrote the operator section of {DOC}", file=sys.stderr)
 
 
 if __name__ == "__main__":

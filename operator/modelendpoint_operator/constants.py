@@ -57,9 +57,11 @@ PVC_SUFFIX = "-cache"
 # SIGTERM; the grace period covers preStop + the runtime's drain + a margin.
 PRESTOP_SLEEP_SECONDS = 5
 GRACE_MARGIN_SECONDS = 10
-# A large model can take long to download and load: allow two hours.
-STARTUP_PERIOD_SECONDS = 10
-STARTUP_FAILURE_THRESHOLD = 720
+# A large model can take long to download and load: allow two hours. Probed every
+# second: the kubelet marks the pod Ready (and the gateway routes a wake's held
+# requests to it) at most a second after the model is loaded, not ten.
+STARTUP_PERIOD_SECONDS = 1
+STARTUP_FAILURE_THRESHOLD = 7200
 # Non-root identity of the runtime container (the runtime image runs as this uid).
 RUNTIME_UID = 10001
 RUNTIME_GID = 10001
