@@ -50,9 +50,6 @@ ENDPOINT_ID = "ep-test-1"
 API_KEYS = ("sk-test-old-0123456789", "sk-test-new-9876543210")
 SERVED_NAME = "smollm2-135m-instruct"
 READY_TIMEOUT_S = 300.0
-# The LoRA adapter the shared server loads from ADAPTERS_FILE at start (made by
-# make_lora_adapter); the LoRA tests add and remove others while it serves.
-START_ADAPTER = "smol-lora-a"
 
 # The embedded model's chat template, plus tools in the Hermes layout the
 # `hermes` tool-call parser reads (<tools> in the system message, <tool_call>
@@ -298,11 +295,10 @@ def runtime_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     # one failed start (up to READY_TIMEOUT_S) is enough.
     if _start_failure:
         pytest.fail(f"(the runtime already failed to start in this session)\n{_start_failure[0]}", pytrace=False)
-    folder = tmp_path_factory.mktemp("runtime")
-    log_path = folder / "runtime.log"
+    log_path = tmp_path_factory.mktemp("runtime") / "runtime.log"
     try:
-        adapter = make_lora_adapter(embedded_model_dir, folder / START_ADAPTER, seed=1)
-        server = start_runtime(embedded_model_dir, log_path, adapters=[{"name": START_ADAPTER, "source": str(adapter)}])
+        # ADAPTERS_FILE starts empty (spec.adapters: []): the LoRA tests add theirs while it serves.
+        server = start_runtime(embedded_model_dir, log_path)
     except RuntimeError as exc:
         _start_failure.append(str(exc))
         pytest.fail(str(exc), pytrace=False)

@@ -53,7 +53,10 @@ from .limits import (
     check_caps,
     check_model,
     check_shape,
+    echo_prompts,
     logprobs_for_ranking,
+    prepend_echo,
+    prompt_logprobs_param,
     rank_choices,
     sequences,
     trim_choices,
@@ -591,13 +594,15 @@ def _classify_exception(exc: Exception, prompt_param: str, retry_after: int) -> 
 class _Prepared:
     """A request read, validated and capped: what the engine gets, and its admission weight."""
 
-    __slots__ = ("req", "plan", "ranking_fields", "weight")
+    __slots__ = ("req", "plan", "ranking_fields", "weight", "echo")
 
-    def __init__(self, req: Any, plan: Plan, ranking_fields: dict[str, Any], weight: int) -> None:
+    def __init__(self, req: Any, plan: Plan, ranking_fields: dict[str, Any], weight: int,
+                 echo: list[str] | None = None) -> None:  # fmt: skip
         self.req = req
         self.plan = plan
         self.ranking_fields = ranking_fields
         self.weight = weight
+        self.echo = echo  # prompt texts the runtime echoes itself (best_of ranking)
 
 
 def _check_model(runtime: Runtime, api: Api, model: Any) -> APIError | None:
@@ -661,7 +666,23 @@ async def _prepare(runtime: Runtime, request: Request, api: Api, info: dict[str,
     ranking_fields = logprobs_for_ranking(req, kind) if plan.rank else {}
     for name, value in ranking_fields.items():
         setattr(req, name, value)
-    return _Prepared(req, plan, ranking_fields, weight)
+    echo = echo_prompts(req, kind, plan, ranking_fields)
+    if echo is not None:
+        req.echo = False
+    if _lora_enabled(runtime):
+        # vLLM 0.32 computes prompt log-probabilities with the wrong LoRA mapping
+        # and, on the CPU, its engine dies on them (vLLM issues 29955, 16668).
+        if kind == "chat" and req.echo and not req.logprobs:
+            req.top_logprobs = None  # chat echo asks for them by default, for nobody
+        if (param := prompt_logprobs_param(req, kind)) is not None:
+            return errors.invalid_request(
+                "Prompt log-probabilities (prompt_logprobs, or echo with logprobs or best_of) are not available "
+                "on this endpoint while LoRA adapters are enabled.", param)  # fmt: skip
+    return _Prepared(req, plan, ranking_fields, weight, echo)
+
+
+def _lora_enabled(runtime: Runtime) -> bool:
+    return bool(getattr(getattr(runtime.engine, "args", None), "enable_lora", False))
 
 
 def _call(state: Any, api: Api) -> Callable[[Any, Request], Awaitable[Any]]:
@@ -730,6 +751,8 @@ async def _dispatch(
         content = _dump(api, result)
         if plan.rank and plan.keep_n is not None:
             content = rank_choices(content, plan.keep_n, kind, keep_logprobs=not ranking_fields, group=plan.engine_n)
+            if prepared.echo is not None:
+                content = prepend_echo(content, prepared.echo, plan.keep_n)
         elif plan.keep_n is not None:
             content = trim_choices(content, plan.keep_n, group=plan.engine_n)
         if kind == "chat":

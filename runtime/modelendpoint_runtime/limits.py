@@ -21,6 +21,12 @@ attributes works, which is how the unit tests drive them):
   ``best_of`` samples with their log-probabilities and returns the ``n`` with
   the highest cumulative log-probability (:func:`rank_choices`). That needs
   every sample finished, so ``best_of > n`` cannot stream (400, as OpenAI).
+  With ``echo`` on a completions prompt given as text, the runtime echoes the
+  prompt itself (:func:`prepend_echo`) so the engine computes no prompt
+  log-probabilities for the ranking;
+* :func:`prompt_logprobs_param`: the field that would make vLLM compute
+  prompt log-probabilities, which the runtime refuses while LoRA is enabled
+  (vLLM 0.32 fails on them there: issues 29955, 16668).
 """
 
 from __future__ import annotations
@@ -256,3 +262,41 @@ def rank_choices(
             kept.append(choice)
     body["choices"] = kept
     return body
+
+
+def echo_prompts(request: Any, kind: str, plan: Plan, ranking_fields: dict[str, Any]) -> list[str] | None:
+    """The prompt texts the runtime echoes itself (best_of ranking of text prompts), else None.
+
+    Echo with the log-probabilities the ranking asks for would make vLLM
+    compute the prompt's log-probabilities too, which nobody asked for (and
+    which fail with LoRA enabled). The caller then turns vLLM's echo off.
+    """
+    if not (plan.rank and kind == "completion" and getattr(request, "echo", False) and ranking_fields):
+        return None
+    prompt = getattr(request, "prompt", None)
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    if prompts and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    return None
+
+
+def prepend_echo(body: dict[str, Any], prompts: list[str], per_prompt: int) -> dict[str, Any]:
+    """Each choice's text with its prompt in front, as vLLM's echo gives it (choice i continues prompt i // n)."""
+    for choice in body.get("choices") or ():
+        if isinstance(choice, dict) and isinstance(choice.get("text"), str):
+            index = choice.get("index", 0) // max(per_prompt, 1)
+            if 0 <= index < len(prompts):
+                choice["text"] = prompts[index] + choice["text"]
+    return body
+
+
+def prompt_logprobs_param(request: Any, kind: str) -> str | None:
+    """The field that makes vLLM compute prompt log-probabilities: ``prompt_logprobs``, or ``echo`` with
+    log-probabilities (vLLM then returns the prompt's too); None if nothing does."""
+    if getattr(request, "prompt_logprobs", None) is not None:
+        return "prompt_logprobs"
+    if getattr(request, "echo", False):
+        wanted = getattr(request, "top_logprobs", None) if kind == "chat" else getattr(request, "logprobs", None)
+        if wanted is not None:
+            return "echo"
+    return None

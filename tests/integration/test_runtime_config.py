@@ -2,8 +2,10 @@
 
 * The served name defaulting to MODEL_NAME, a non-default OPENAI_RESPONSE_ROLE,
   RAW_OPENAI_OUTPUT=0 (NDJSON by default), no API_KEY/API_KEY_FILE (no auth), no
-  ENDPOINT_ID (any id), and a reasoning parser (REASONING_PARSER): a second
-  server, started only after the shared one has exited (``runtime_after_drain``).
+  ENDPOINT_ID (any id), a reasoning parser (REASONING_PARSER) and a LoRA
+  adapter already listed in ADAPTERS_FILE when it starts (a replica that
+  starts after spec.adapters was set): a second server, started only after
+  the shared one has exited (``runtime_after_drain``).
   No small reasoning model is available offline, so the test makes the
   embedded model emit the ``granite`` parser's plain-text markers ("Here is
   my thought process:" ... "Here is my response:") with a regex structured
@@ -32,8 +34,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conformance import HTTP, NO, PY, YES, Row
-from fixtures_runtime import RUNTIME_TEST_ENV, free_port, start_runtime, stop_shared_runtime
+from conformance import HTTP, NA, NO, PY, YES, Row
+from fixtures_runtime import RUNTIME_TEST_ENV, free_port, make_lora_adapter, start_runtime, stop_shared_runtime
 from processes import running
 from waiting import wait_for
 
@@ -46,6 +48,7 @@ REASONING_RE = r"Here is my thought process: [a-z]+( [a-z]+){2,5}\. Here is my r
     Row("POST /chat/completions", "REASONING_PARSER: reasoning and reasoning_content", PY, NO),
     Row("POST /chat/completions", "REASONING_PARSER: reasoning and reasoning_content", HTTP, YES),
     Row("POST /chat/completions", "structured_outputs: regex", PY, NO),
+    Row("ADAPTERS_FILE", "a replica starting later serves the listed adapters from its first request", HTTP, NA),
 )
 def test_served_name_default_role_ndjson_no_auth_and_a_reasoning_parser(runtime_server, embedded_model_dir,
                                                                         tmp_path):
@@ -53,18 +56,24 @@ def test_served_name_default_role_ndjson_no_auth_and_a_reasoning_parser(runtime_
     # before starting this one.
     runtime_server.stop()
     assert not runtime_server.alive()
+    adapter = make_lora_adapter(embedded_model_dir, tmp_path / "smol-lora-late", seed=4)
     server = start_runtime(
         embedded_model_dir,
         tmp_path / "runtime-2.log",
         {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "", "OPENAI_RESPONSE_ROLE": "narrator", "RAW_OPENAI_OUTPUT": "0",
          "API_KEY_FILE": None, "ENDPOINT_ID": "", "REASONING_PARSER": "granite",
          "STRUCTURED_OUTPUTS_CONFIG": json.dumps({"enable_in_reasoning": True})},  # fmt: skip
+        adapters=[{"name": "smol-lora-late", "source": str(adapter)}],
     )
     try:
         name = str(embedded_model_dir)
         base = f"{server.root_url}/v2/any-endpoint/openai/v1"  # no ENDPOINT_ID: any id, no key needed
         models = httpx.get(base + "/models").json()
-        assert [m["id"] for m in models["data"]] == [name]
+        # Ready means the adapters listed at start are served too.
+        assert [(m["id"], m.get("parent")) for m in models["data"]] == [(name, None), ("smol-lora-late", name)]
+        late = httpx.post(base + "/completions", json={"model": "smol-lora-late", "prompt": "Hi", "max_tokens": 2},
+                          timeout=60)
+        assert late.status_code == 200 and late.json()["model"] == "smol-lora-late"
 
         body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
         r = httpx.post(base + "/chat/completions", json=body, timeout=60)

@@ -1,13 +1,15 @@
 """LoRA adapters from ADAPTERS_FILE on the running shared server: served by name, added and removed live.
 
-The shared server started with one adapter in its file (START_ADAPTER, made
-with PEFT with random non-zero weights, so its greedy output differs from
-the base model's), as a replica that starts after ``spec.adapters`` was set
-does. Here the file changes the way the kubelet updates the operator's
-ConfigMap (an atomic swap): adapters appear and disappear in-process, the
-server's process id never changes, one that fails to load (a rank above
+The shared server runs with LoRA enabled and an empty adapters file (as a
+ModelEndpoint with ``spec.adapters: []``). Here the file changes the way
+the kubelet updates the operator's ConfigMap (an atomic swap): adapters
+made with PEFT (random non-zero weights, so their greedy output differs
+from the base model's) appear and disappear in-process, the server's
+process id never changes, one that fails to load (a rank above
 MAX_LORA_RANK, a missing path) shows its reason on ``GET /adapters`` and
-leaves the others serving.
+leaves the others serving. The module leaves the file empty again. That a
+replica starting later serves the current list is shown by the second
+server of test_runtime_config.py, which starts with an adapter listed.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import httpx
 import pytest
 
 from conformance import HTTP, NA, NO, PY, YES, Row
-from fixtures_runtime import START_ADAPTER, make_lora_adapter
+from fixtures_runtime import make_lora_adapter
 from waiting import wait_for
 
 PROMPT = [{"role": "user", "content": "Say hello."}]
+START_ADAPTER = "smol-lora-a"
 CHAT = "POST /chat/completions"
 
 
@@ -47,9 +50,22 @@ def base_text(openai_client, runtime_server) -> str:
     return greedy(openai_client, runtime_server.model)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def first_adapter(runtime_server, embedded_model_dir, tmp_path_factory):
+    """One adapter added to the running server for this module; the file is empty again afterwards."""
+    source = make_lora_adapter(embedded_model_dir, tmp_path_factory.mktemp("lora") / START_ADAPTER, seed=1)
+    runtime_server.write_adapters([{"name": START_ADAPTER, "source": str(source)}])
+    try:
+        settled(runtime_server, {START_ADAPTER})
+        yield source
+    finally:
+        runtime_server.write_adapters([])
+        settled(runtime_server, set())
+
+
 @pytest.mark.conformance(
     Row("GET /models", "LoRA adapters listed with parent = the served model", PY, NA),
-    Row(CHAT, "model: a LoRA adapter's name (loaded at start)", PY, NO),
+    Row(CHAT, "model: a LoRA adapter's name", PY, NO),
     Row("POST /completions", "model: a LoRA adapter's name", PY, YES),
     Row("GET /adapters (metrics port)", "state per adapter", HTTP, NA),
 )

@@ -48,6 +48,7 @@ def pooling_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("pooling") / "runtime.log"
     server = start_runtime(minilm_dir(), log, {
         "RUNNER": "pooling", "CONVERT": "embed",  # spec.task: embed
+        "ENFORCE_EAGER": "true",  # a 6-layer encoder: no compilation at start
         "OPENAI_SERVED_MODEL_NAME_OVERRIDE": SERVED,
         "HF_OVERRIDES": json.dumps({"matryoshka_dimensions": [128, 256, DIM]}),
         # The shared server's generation-only settings do not apply to this model.

@@ -191,14 +191,23 @@ def test_chat_json_schema_output_is_valid_against_the_schema(openai_client, runt
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
 
 
-@pytest.mark.conformance(Row(CHAT, "response_format: json_object", PY, YES))
-def test_chat_json_object_streams_one_json_object(openai_client, runtime_server):
+@pytest.mark.conformance(
+    Row(CHAT, "response_format: json_schema (strict)", PY, YES),
+    Row(CHAT, "response_format: json_object", PY, NO),
+)
+def test_chat_json_schema_streams_and_json_object_gives_an_object(openai_client, runtime_server):
     stream = openai_client.chat.completions.create(
-        model=runtime_server.model, messages=[{"role": "user", "content": "Give me a JSON object."}],
-        response_format={"type": "json_object"}, max_tokens=60, temperature=0, stream=True,
+        model=runtime_server.model, messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        response_format=JSON_SCHEMA, max_tokens=60, temperature=0, stream=True,
     )  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert isinstance(json.loads(text), dict)
+    jsonschema.validate(json.loads(text), PERSON)
+    r = openai_client.chat.completions.create(
+        model=runtime_server.model, messages=[{"role": "user", "content": 'Reply with the JSON {"answer": 42}.'}],
+        response_format={"type": "json_object"}, max_tokens=100, temperature=0,
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
 @pytest.mark.conformance(Row("POST /completions", "response_format: json_schema (strict)", PY, NO))

@@ -72,7 +72,7 @@ class Recorder:
             raise result
         return result
 
-    create_chat_completion = create_responses = create_messages = count_tokens = __call__
+    create_chat_completion = create_completion = create_responses = create_messages = count_tokens = __call__
     create_tokenize = create_detokenize = __call__
 
 
@@ -621,3 +621,64 @@ def test_conformance_compares_only_after_the_whole_set_ran():
     rec.deselected = 0
     rec.modules.discard(conformance.MODULES[0])
     assert not rec.whole()[0]
+
+
+# -- prompt log-probabilities with LoRA enabled ----------------------------------------------------------
+
+
+def test_prompt_logprobs_param_names_what_asks_for_them():
+    from modelendpoint_runtime.limits import prompt_logprobs_param
+
+    def req(**kw):
+        return SimpleNamespace(**{"prompt_logprobs": None, "echo": False, "logprobs": None, "top_logprobs": 0} | kw)
+
+    assert prompt_logprobs_param(req(), "completion") is None
+    assert prompt_logprobs_param(req(prompt_logprobs=0), "completion") == "prompt_logprobs"
+    assert prompt_logprobs_param(req(echo=True), "completion") is None
+    assert prompt_logprobs_param(req(echo=True, logprobs=1), "completion") == "echo"
+    assert prompt_logprobs_param(req(echo=True), "chat") == "echo"  # chat's top_logprobs defaults to 0
+    assert prompt_logprobs_param(req(echo=True, top_logprobs=None), "chat") is None
+
+
+def test_with_lora_enabled_requests_that_need_prompt_logprobs_are_400_and_chat_echo_is_made_safe():
+    def answer(req):
+        return dumpable({"choices": [], "usage": {}})
+
+    chat, completion = Recorder(answer), Recorder(answer)
+    runtime, app = make({"openai_serving_chat": chat, "openai_serving_completion": completion})
+    runtime.engine.args = SimpleNamespace(enable_lora=True)
+    messages = [{"role": "user", "content": "x"}]
+    for path, body, param in (
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 0}, "prompt_logprobs"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ("/v1/chat/completions", {"messages": messages, "echo": True, "logprobs": True}, "echo"),
+        ("/v1/chat/completions", {"messages": messages, "echo": True, "best_of": 2}, "echo"),
+        ("/v1/completions", {"prompt": [1, 2], "echo": True, "best_of": 2}, "echo"),
+    ):
+        r = run(call(app, "POST", path, json={"model": "m", **body}))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert chat.seen == [] and completion.seen == []
+    r = run(call(app, "POST", "/v1/chat/completions", json={"model": "m", "messages": messages, "echo": True}))
+    assert r.status_code == 200 and chat.seen[0].echo and chat.seen[0].top_logprobs is None
+    # Without LoRA nothing is refused.
+    runtime.engine.args = SimpleNamespace(enable_lora=False)
+    r = run(call(app, "POST", "/v1/completions", json={"model": "m", "prompt": "x", "prompt_logprobs": 0}))
+    assert r.status_code == 200
+
+
+def test_best_of_with_echo_echoes_text_prompts_without_prompt_logprobs():
+    def samples(req):
+        choices = [{"index": i, "text": f" s{i}", "finish_reason": "length",
+                    "logprobs": {"token_logprobs": [-float(i)], "tokens": ["t"], "text_offset": [0],
+                                 "top_logprobs": None}} for i in range(req.n * len(req.prompt))]  # fmt: skip
+        return dumpable({"choices": choices, "usage": {}})
+
+    completion = Recorder(samples)
+    runtime, app = make({"openai_serving_completion": completion})
+    runtime.engine.args = SimpleNamespace(enable_lora=True)
+    body = {"model": "m", "prompt": ["A", "B"], "echo": True, "best_of": 2, "max_tokens": 1}
+    r = run(call(app, "POST", "/v1/completions", json=body))
+    assert r.status_code == 200, r.text
+    (req,) = completion.seen
+    assert req.echo is False and req.n == 2  # the engine was asked for no echo, so no prompt log-probabilities
+    assert [(c["index"], c["text"]) for c in r.json()["choices"]] == [(0, "A s0"), (1, "B s2")]
