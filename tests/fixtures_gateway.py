@@ -12,7 +12,10 @@ Fakes only at seams the gateway owns:
   the console script runs) on its own event loop, so tests can use the sync
   official SDK against it;
 - :class:`GatewayProcess` runs the console script as a subprocess with a
-  kubeconfig, as the chart and the full-system tests do.
+  kubeconfig, as the chart and the full-system tests do;
+- :class:`StaticGatewayProcess` runs this file as a script: the real
+  supervisor and workers (MEP_GATEWAY_WORKERS) over a FakeCluster loaded
+  from a JSON file before the workers fork (no API server, no threads).
 
 Object builders ``mep_obj`` and ``pod_obj`` make ModelEndpoints and pods as
 the API server returns them.
@@ -701,3 +704,75 @@ def cluster_gateway(control_plane, kubectl, mep_crds, operator, gateway_node, ga
     finally:
         gw.stop()
         print(f"\ngateway log: {gw.log_path}", file=sys.stderr)
+
+
+# --- several workers over a fixed cluster view (this file run as a script) ---------------------------
+
+
+class StaticGatewayProcess:
+    """The supervisor and its workers in a subprocess, over a fixed FakeCluster (objects and Secrets)."""
+
+    def __init__(self, tmp: Path, objects: list[dict], secrets: dict[str, dict[str, str]] | None = None,
+                 **settings: Any) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MEP_GATEWAY_")}
+        self.env.update(gateway_env(**settings))
+        here = Path(__file__).resolve().parent
+        self.env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent / "hack")])
+        self.view = tmp / "cluster.json"
+        self.view.write_text(json.dumps({"objects": objects, "secrets": secrets or {}}))
+        self.log_path = tmp / "static-gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    url = GatewayProcess.url
+    port = GatewayProcess.port
+    log_lines = GatewayProcess.log_lines
+    log_tail = GatewayProcess.log_tail
+    stop = GatewayProcess.stop
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['MEP_GATEWAY_METRICS_PORT']}"
+
+    def start(self) -> StaticGatewayProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen([sys.executable, __file__, str(self.view)], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        return self
+
+
+async def _static_serve(settings: Any, role: Any, view: dict) -> int:
+    from modelendpoint_gateway.main import Service
+
+    cluster = FakeCluster()
+    for obj in view["objects"]:
+        cluster.put(obj)
+    for ref, data in view["secrets"].items():
+        namespace, name = ref.split("/", 1)
+        cluster.set_secret(namespace, name, data)
+    service = Service(settings, cluster, cluster.secret_data, cluster.annotate, role)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.signal)
+    await service.start()
+    await service.stop.wait()
+    await service.drain()
+    await service.close()
+    return 0
+
+
+def _static_main(view_path: str) -> int:
+    from modelendpoint_gateway import main, workers
+    from modelendpoint_gateway.logs import setup_logging
+    from modelendpoint_gateway.settings import load_settings
+
+    settings = load_settings(os.environ)
+    setup_logging(settings.log_level, settings.log_format)
+    view = json.loads(Path(view_path).read_text())
+    count = workers.worker_count(settings.workers)
+    return main.run_workers(settings, count, lambda role: main.run_loop(settings, _static_serve(settings, role,
+                                                                                                 view)))
+
+
+if __name__ == "__main__":
+    sys.exit(_static_main(sys.argv[1]))

@@ -30,7 +30,7 @@ from typing import Any
 from . import errors, hold, logs, metrics, prefix, table
 from .balancer import Replica
 from .errors import GatewayError
-from .http import HOP_BY_HOP, Exchange, Headers, Pool, Request, Responder, UpstreamConnection, UpstreamError
+from .http import HOP_BY_HOP, Exchange, Headers, Pool, Request, Responder, UpstreamConnection, UpstreamError, in_task
 from .keys import KeyStore, KeysUnavailable, digest, presented_key
 from .router import Model, Router
 from .settings import GatewaySettings
@@ -146,6 +146,8 @@ class Gateway:
         self.draining = False
         self.holds_ended = False
         self.loop = asyncio.get_event_loop()
+        # One worker of several: ready only once every worker is (the port's connections reach any of them).
+        self.peers_ready: Callable[[], bool] | None = None
 
     # --- entry point -------------------------------------------------------------------
 
@@ -215,7 +217,7 @@ class Gateway:
     def readiness(self) -> tuple[int, bytes]:
         if self.draining:
             return 503, b'{"status":"draining"}'
-        if not self.synced:
+        if not self.synced or (self.peers_ready is not None and not self.peers_ready()):
             return 503, b'{"status":"starting"}'
         return 200, b'{"status":"ready"}'
 
@@ -350,6 +352,7 @@ class Gateway:
             self.wake.set()
         m.held.inc()
         next_comment = now
+        await in_task()  # asyncio.timeout below
         try:
             while True:
                 current = self.router.models.get(key)

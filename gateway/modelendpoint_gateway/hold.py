@@ -34,10 +34,16 @@ RETRY_SECONDS = 1.0
 Key = tuple[str, str]
 
 
-def annotation_key(pod_name: str) -> str:
-    """This gateway pod's annotation key; the name part is at most 63 characters and ends alphanumeric."""
-    name = pod_name[:63]
-    name = re.sub(r"[^A-Za-z0-9]+$", "", name) or "gateway"
+def annotation_key(pod_name: str, worker: int | None = None) -> str:
+    """This gateway's annotation key; the name part is at most 63 characters and ends alphanumeric.
+
+    One worker of several (MEP_GATEWAY_WORKERS) adds ``-w<index>`` to the pod
+    name: each worker holds and counts its own requests, and the operator adds
+    up every fresh entry.
+    """
+    suffix = "" if worker is None else f"-w{worker}"
+    name = pod_name[:63 - len(suffix)]
+    name = (re.sub(r"[^A-Za-z0-9]+$", "", name) or "gateway") + suffix
     return f"{ANNOTATION_PREFIX}/{name}"
 
 

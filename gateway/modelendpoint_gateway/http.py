@@ -28,7 +28,8 @@ import http
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 import httptools
@@ -191,6 +192,46 @@ class Responder:
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
+@types.coroutine
+def in_task() -> Generator[None, None, None]:
+    """Continue inside a Task: before what needs one (``asyncio.timeout``).
+
+    A request's handler starts running eagerly, inside the protocol callback
+    that completed the request (see ``ServerConnection._next``), and moves
+    into a Task at its first wait; code that needs ``asyncio.current_task()``
+    awaits this first. Free inside a Task.
+    """
+    if asyncio.current_task() is None:
+        yield None
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], pending: Any) -> Generator[Any, None, None]:
+    """Run, as a Task's coroutine, a coroutine that started outside a Task and is suspended on ``pending``.
+
+    The Task sees the futures the coroutine waits on (``pending`` first, then
+    every later one) and throws its cancellation into it, as if it had run
+    the coroutine from the start. ``pending`` None: continue at once (the
+    coroutine asked for a Task, :func:`in_task`).
+    """
+    throw: BaseException | None = None
+    if pending is not None:
+        try:
+            yield pending
+        except BaseException as exc:  # noqa: BLE001 - delivered into the coroutine
+            throw = exc
+    while True:
+        try:
+            pending = coro.send(None) if throw is None else coro.throw(throw)
+        except StopIteration:
+            return
+        throw = None
+        try:
+            yield pending
+        except BaseException as exc:  # noqa: BLE001 - delivered into the coroutine
+            throw = exc
+
+
 class HTTPServer:
     """Connections and their lifecycle; ``handler`` answers every request."""
 
@@ -213,12 +254,13 @@ class HTTPServer:
         return ServerConnection(self)
 
     async def listen(self, host: str, port: int, *, sock: socket.socket | None = None,
-                     backlog: int = 2048) -> asyncio.base_events.Server:
+                     backlog: int = 2048, reuse_port: bool = False) -> asyncio.base_events.Server:
         loop = asyncio.get_running_loop()
         if sock is not None:
             server = await loop.create_server(self.protocol, sock=sock, backlog=backlog)
         else:
-            server = await loop.create_server(self.protocol, host, port, backlog=backlog, reuse_address=True)
+            server = await loop.create_server(self.protocol, host, port, backlog=backlog, reuse_address=True,
+                                              reuse_port=reuse_port or None)
         self.servers.append(server)
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep())
@@ -333,7 +375,12 @@ class ServerConnection(asyncio.Protocol):
                 self._protocol_error(400, "callback")
             return
         except httptools.HttpParserUpgrade:
-            self._protocol_error(400, "protocol upgrades (WebSocket, h2c) are not supported")
+            if self._req is None:
+                # The request asking for the upgrade is complete: it is answered as any other (its
+                # upgrade headers are hop-by-hop), and nothing more is read from this connection.
+                self._last_request()
+            else:
+                self._protocol_error(400, "protocol upgrades (WebSocket, h2c) are not supported")
             return
         except httptools.HttpParserError as exc:
             self._protocol_error(400, str(exc) or "invalid HTTP")
@@ -455,10 +502,25 @@ class ServerConnection(asyncio.Protocol):
         responder = Responder(self, req)
         self.current = responder
         self.server.in_flight += 1
-        self.task = self.loop.create_task(self._run(req, responder))
-        # A done callback, not a finally in _run: a task cancelled before its first step (the
-        # client left at once) never runs its body.
-        self.task.add_done_callback(self.server._request_finished)
+        # The handler runs at once, in this callback, up to its first wait: a proxied request
+        # is on its way to the replica before this loop iteration's other events are handled,
+        # rather than a task's first step after all of them (a loop iteration at high load
+        # is milliseconds). Answers that need no wait (errors, health) never make a task.
+        coro = self._run(req, responder)
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            self.server._request_finished()
+            return
+        except BaseException:
+            self.server._request_finished()
+            raise
+        task = self.loop.create_task(_resume(coro, pending))
+        # A done callback, not a finally in _run: a task cancelled before its next step (the
+        # client left at once) never runs the rest of its body.
+        task.add_done_callback(self.server._request_finished)
+        if self.current is responder:
+            self.task = task
 
     async def _run(self, req: Request, responder: Responder) -> None:
         try:
@@ -502,6 +564,19 @@ class ServerConnection(asyncio.Protocol):
             self.transport.close()  # flushes what is buffered first
         else:
             self.transport.abort()
+
+    def _last_request(self) -> None:
+        """The connection closes after the answer to the last request read (queued, in flight or sent)."""
+        if self.closed:
+            return
+        self.transport.pause_reading()
+        self._reading_paused = False  # for good: _next never resumes it
+        if self.queue:
+            self.queue[-1].keep_alive = False
+        elif self.current is not None:
+            self.current.close_after = True
+        else:
+            self.abort(graceful=True)
 
     def _protocol_error(self, status: int, detail: str) -> None:
         """An unparsable or oversized request: answer it (if nothing is being answered) and close."""
@@ -584,6 +659,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.used = 0
         self.got_bytes = False
+        # Body pieces of one read, passed on together after the parser is done with it: one write
+        # to the client for however many chunks the replica's socket had ready, not one each.
+        self._pieces: list[bytes] = []
+        self._pieces_of: Exchange | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -610,10 +689,22 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._flush()
             ex = self.exchange
             self.close()
             if ex is not None:
                 ex.fail(UpstreamError(f"invalid HTTP from the replica: {exc}", not ex.head.done()))
+            return
+        if self._pieces:
+            self._flush()
+
+    def _flush(self) -> None:
+        pieces, ex = self._pieces, self._pieces_of
+        if not pieces or ex is None:
+            return
+        self._pieces = []
+        self._pieces_of = None
+        ex.sink(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.exchange is not None:
@@ -640,7 +731,10 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             ex.bytes_in += len(body)
-            ex.sink(body)
+            if self._pieces_of is not ex:
+                self._flush()
+                self._pieces_of = ex
+            self._pieces.append(body)
 
     def on_message_complete(self) -> None:
         ex = self.exchange
@@ -655,6 +749,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._flush()
         ex = self.exchange
         self.exchange = None
         if ex is None:
@@ -700,6 +795,7 @@ class Pool:
                 conn.close()
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep())
+        await in_task()
         async with asyncio.timeout(self.connect_timeout):
             _, conn = await loop.create_connection(lambda: UpstreamConnection(self, address), host, port)
         self.opened += 1

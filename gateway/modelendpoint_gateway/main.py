@@ -10,6 +10,9 @@ connections close, in-flight requests (streams included) may finish for
 MEP_GATEWAY_DRAIN_TIMEOUT_SECONDS; held requests still waiting then get 503
 ``shutting_down``, this gateway's held annotations are removed, and the
 process exits 0. A second signal stops at once.
+
+With MEP_GATEWAY_WORKERS above 1 the process is a supervisor of that many
+such gateways sharing the ports (workers.py).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from . import __version__, hold, metrics
+from . import __version__, hold, metrics, workers
 from .app import JSON_HEADERS, Gateway
 from .discovery import Changes, Discovery, Source
 from .http import HTTPServer, Pool, Request, Responder
@@ -56,8 +61,9 @@ class Service:
     """Everything a running gateway consists of; ``run()`` until a stop signal, then drain."""
 
     def __init__(self, settings: GatewaySettings, source: Source, secret_reader: Callable[..., Awaitable],
-                 annotate: Callable[..., Awaitable[bool]]) -> None:
+                 annotate: Callable[..., Awaitable[bool]], role: workers.WorkerRole | None = None) -> None:
         self.settings = settings
+        self.role = role  # one worker of several (MEP_GATEWAY_WORKERS), or None: the only process
         self.source = source
         self.annotate = annotate
         self.router = Router()
@@ -65,13 +71,15 @@ class Service:
         self.pool = Pool(connect_timeout=settings.connect_timeout_seconds, idle_seconds=settings.upstream_idle_seconds,
                          max_idle_per_address=settings.max_idle_connections_per_replica)
         self.gateway = Gateway(settings, self.router, self.keys, self.pool)
+        if role is not None:
+            self.gateway.peers_ready = role.share.all_ready
         self.discovery = Discovery(source, self.router, settings.namespace_list, on_change=self.on_change)
         self.api = HTTPServer(self.gateway.handle, max_header_bytes=settings.max_header_bytes,
                               max_body_bytes=settings.max_body_bytes, idle_seconds=settings.client_idle_seconds,
                               on_error=self.gateway.protocol_error)
         self.metrics_server = HTTPServer(self.metrics_handler, max_header_bytes=16384, max_body_bytes=1024,
                                          idle_seconds=60)
-        self.annotation_key = hold.annotation_key(settings.pod_name)
+        self.annotation_key = hold.annotation_key(settings.pod_name, role.index if role else None)
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,6 +141,8 @@ class Service:
     async def _mark_synced(self) -> None:
         await self.discovery.synced.wait()
         self.gateway.synced = True
+        if self.role is not None:
+            self.role.share.set_ready(self.role.index, True)
         # Everything loaded so far (modules, the first lists) lives as long as the process: keep it
         # out of the garbage collector's full passes, whose pauses would land in streams' chunk gaps.
         gc.collect()
@@ -157,9 +167,14 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         try:
-            server = await self.api.listen(s.bind_address, s.port)
+            server = await self.api.listen(s.bind_address, s.port, reuse_port=self.role is not None)
             self.api_port = server.sockets[0].getsockname()[1]
-            if s.metrics_port:
+            if self.role is not None:
+                # The supervisor serves the metrics port and merges the workers' metrics from here.
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.bind(self.role.metrics_address)
+                await self.metrics_server.listen("", 0, sock=sock)
+            elif s.metrics_port:
                 mserver = await self.metrics_server.listen(s.bind_address, s.metrics_port)
                 self.metrics_port = mserver.sockets[0].getsockname()[1]
         except OSError as exc:
@@ -168,14 +183,18 @@ class Service:
         self.discovery.start()
         for coro in (self._refresh_keys(), self._write_annotations(), self._mark_synced()):
             self._tasks.append(asyncio.ensure_future(coro))
-        logger.info("modelendpoint-gateway started", extra={"fields": {
-            "version": __version__, "port": self.api_port, "metrics_port": self.metrics_port,
-            "namespaces": s.namespace_list or "*", "pod": s.pod_name}})
+        fields = {"version": __version__, "port": self.api_port, "metrics_port": self.metrics_port,
+                  "namespaces": s.namespace_list or "*", "pod": s.pod_name}
+        if self.role is not None:
+            fields["worker"] = self.role.index
+        logger.info("modelendpoint-gateway started", extra={"fields": fields})
 
     async def drain(self) -> None:
         s = self.settings
         gw = self.gateway
         gw.draining = True
+        if self.role is not None:
+            self.role.share.set_ready(self.role.index, False)
         self.api.start_drain()
         logger.info("draining", extra={"fields": {"in_flight": self.api.in_flight,
                                                    "timeout_s": s.drain_timeout_seconds}})
@@ -211,17 +230,28 @@ class Service:
         self.stop.set()
 
 
-async def serve(settings: GatewaySettings) -> int:
+async def connect() -> Any:
+    """The Kubernetes client (kube.Kube), or Fatal naming what is missing."""
     from kubernetes.aio.config.config_exception import ConfigException
 
     from .kube import Kube
 
     try:
-        kube = await Kube.connect()
+        return await Kube.connect()
     except (ConfigException, OSError, ValueError) as exc:
         raise Fatal(f"no Kubernetes configuration ($KUBECONFIG, ~/.kube/config or a service account): "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    service = Service(settings, kube, kube.secret_data, kube.annotate)
+
+
+async def check_kubernetes() -> None:
+    """Before forking workers: fail at once, in one line, without a Kubernetes configuration."""
+    kube = await connect()
+    await kube.close()
+
+
+async def serve(settings: GatewaySettings, role: workers.WorkerRole | None = None) -> int:
+    kube = await connect()
+    service = Service(settings, kube, kube.secret_data, kube.annotate, role)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.signal)
@@ -235,18 +265,51 @@ async def serve(settings: GatewaySettings) -> int:
     return 0
 
 
-def _run(settings: GatewaySettings) -> int:
+def run_loop(settings: GatewaySettings, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop (MEP_GATEWAY_EVENT_LOOP auto/uvloop) or asyncio's loop."""
     use_uvloop = settings.event_loop in ("auto", "uvloop")
     if use_uvloop:
         try:
             import uvloop
         except ImportError:
             if settings.event_loop == "uvloop":
+                main.close()
                 raise Fatal("invalid MEP_GATEWAY_EVENT_LOOP='uvloop': uvloop is not installed") from None
             use_uvloop = False
     if use_uvloop:
-        return uvloop.run(serve(settings))
-    return asyncio.run(serve(settings))
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def run_workers(settings: GatewaySettings, count: int,
+                run_worker: Callable[[workers.WorkerRole], int]) -> int:
+    """MEP_GATEWAY_WORKERS above 1: the supervisor of ``count`` workers, each ``run_worker(role)``."""
+    supervisor = workers.Supervisor(count, run_worker, bind_address=settings.bind_address, port=settings.port,
+                                    metrics_port=settings.metrics_port)
+    try:
+        supervisor.bind()
+    except OSError as exc:
+        raise Fatal(f"cannot listen on {settings.bind_address} (MEP_GATEWAY_PORT={settings.port}, "
+                    f"MEP_GATEWAY_METRICS_PORT={settings.metrics_port}): {exc.strerror or exc}") from None
+    return supervisor.run()
+
+
+def _worker(settings: GatewaySettings, role: workers.WorkerRole) -> int:
+    try:
+        return run_loop(settings, serve(settings, role))
+    except Fatal as exc:
+        print(f"modelendpoint-gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(settings: GatewaySettings) -> int:
+    count = workers.worker_count(settings.workers)
+    if count == 1:
+        return run_loop(settings, serve(settings))
+    # What can fail at start fails before forking, in one line. The check runs on asyncio's own loop,
+    # which leaves no threads behind (libuv's thread pool would not survive the fork).
+    asyncio.run(check_kubernetes())
+    return run_workers(settings, count, lambda role: _worker(settings, role))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,8 @@ class GatewaySettings(BaseSettings):
     # Adds x-modelendpoint-replica: <namespace>/<pod> to responses (tests, debugging).
     replica_header: bool = False
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Worker processes sharing the API port (SO_REUSEPORT), each a whole gateway; 0: one per usable CPU.
+    workers: int = Field(default=1, ge=0, le=64)
 
     @field_validator("log_level", "log_format", "event_loop", mode="before")
     @classmethod
