@@ -1,23 +1,28 @@
 """make bench-gateway: what the gateway adds to a stream, against clients going direct and vllm-router.
 
-One run, three paths side by side at each concurrency (64, 256, 1,024 streams
+One run, the paths side by side at each concurrency (64, 256, 1,024 streams
 by default, the order of the paths rotating between rounds):
 
 - direct: the load generator straight to two fast fake OpenAI stream servers
   (hack/bench/fake_openai.py: 64 chunks 20 ms apart, on loopback);
 - gateway: through ``modelendpoint-gateway`` (its console script, as the chart
-  runs it) on a local control plane (hack/localcluster.py) that holds one
-  ModelEndpoint and two ready runtime pods pointing at the two fake servers;
+  runs it, with its default of one process) on a local control plane
+  (hack/localcluster.py) that holds one ModelEndpoint and two ready runtime
+  pods pointing at the two fake servers;
+- gateway-2w: the same with ``MEP_GATEWAY_WORKERS=2`` (a supervisor and two
+  worker processes on the port; ``--workers`` chooses the variants);
 - vllm-router: through ``vllm-router`` 0.1.17 from PyPI (installed with uv
   into its own venv under ~/.cache/modelendpoint/bench, never into .venv) in
-  its default mode, the same two workers, ``--policy round_robin``.
+  its default mode (a thread per core), the same two workers,
+  ``--policy round_robin``.
 
 The load generator (hack/bench/loadgen.py; two processes above 64 streams)
 keeps N keep-alive streams going for a warm-up and a measured window and
 reports errors, time to first byte, gaps between chunks and completed streams.
-The proxy's CPU (user + system, /proc) over the window per 1,000 chunks
-delivered, and its largest resident memory, come from /proc. Results are
-pooled over the rounds. Writes the table, the targets and the command into
+The proxy's CPU (user + system of its processes and their threads, /proc)
+over the window per 1,000 chunks delivered, and its largest memory (PSS
+summed over its processes, so pages shared by a supervisor and its workers
+count once), come from /proc. Results are pooled over the rounds. Writes the table, the targets and the command into
 docs/benchmarks.md between ``<!-- bench-gateway:start -->`` and
 ``<!-- bench-gateway:end -->`` (appended at the end when missing; --no-write
 to skip) and docs/gateway-latency.png (added time to first byte against
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import datetime
 import json
 import os
@@ -58,7 +64,6 @@ START, END = "<!-- bench-gateway:start -->", "<!-- bench-gateway:end -->"
 MODEL = "bench-model"
 NS = "bench"
 NODE = "bench-node"
-PATHS = ("direct", "gateway", "vllm-router")
 # The issue's targets.
 TARGET_TTFB_P50_MS_AT_256 = 1.0
 TARGET_THROUGHPUT = 0.97
@@ -102,17 +107,41 @@ class Proc:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a gateway supervisor's workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
 
 
-def rss_mib(pid: int, key: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pss_mib(pids: list[int]) -> float:
+    """Proportional set size summed over processes: memory shared between them counts once."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total / 1024
 
 
 def wait_http(url: str, what: str, proc: Proc | None = None, timeout: float = 120, expect: bytes = b"") -> None:
@@ -270,14 +299,15 @@ def measure(point: Point, targets: str, proxy_pid: int | None, concurrency: int,
             "--out", str(prefix)], stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=localcluster.die_with_starter))
     time.sleep(warmup)
-    cpu0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    pids = process_tree(proxy_pid) if proxy_pid else []
+    cpu0 = cpu_seconds(pids)
     t_end = time.monotonic() + duration
     rss = 0.0
     while time.monotonic() < t_end:
-        if proxy_pid:
-            rss = max(rss, rss_mib(proxy_pid))
+        if pids:
+            rss = max(rss, pss_mib(pids))
         time.sleep(0.25)
-    cpu1 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    cpu1 = cpu_seconds(pids)
     for g in gens:
         if g.wait(180) != 0:
             raise SystemExit(f"the load generator failed ({tag})")
@@ -295,8 +325,18 @@ def fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def report(results: dict[tuple[str, int], dict], concurrencies: list[int], args: argparse.Namespace,
-           meta: dict) -> tuple[str, list[str]]:
+def label(path: str) -> str:
+    if path == "gateway":
+        return "gateway"
+    if path.startswith("gateway-"):
+        return f"gateway, {path.removeprefix('gateway-').removesuffix('w')} workers"
+    return path
+
+
+def report(results: dict[tuple[str, int], dict], concurrencies: list[int], paths: list[str],
+           args: argparse.Namespace, meta: dict) -> tuple[str, list[str]]:
+    gateways = [p for p in paths if p.startswith("gateway")]
+    variants = ", ".join(f"`{label(g)}`" for g in gateways)
     lines = ["## Gateway: what a proxy adds to a stream (direct, modelendpoint-gateway, vllm-router)", "",
              f"Command: `make bench-gateway` (= `.venv/bin/python hack/bench_gateway.py{meta['argv']}`).", "",
              f"Each stream is a streamed chat completion from a fast fake OpenAI server (hack/bench/fake_openai.py): "
@@ -304,68 +344,81 @@ def report(results: dict[tuple[str, int], dict], concurrencies: list[int], args:
              f"chunk and `[DONE]`; two such servers on loopback are the backends. Clients: "
              f"hack/bench/loadgen.py, keep-alive connections, each running one stream after another for "
              f"{args.warmup:.0f} s of warm-up and a {args.duration:.0f} s window, {args.rounds} rounds with the "
-             f"order of the paths rotating; results pooled. The gateway is its console script watching a local "
-             f"control plane (one ModelEndpoint, two ready pods on the fake servers' ports; LeastRequests, "
-             f"access log on); vllm-router {ROUTER_VERSION} (PyPI) runs in its default mode with "
+             f"order of the paths rotating; results pooled. The gateway ({variants}) is its console script "
+             f"watching a local control plane (one ModelEndpoint, two ready pods on the fake servers' ports; "
+             f"LeastRequests, access log on): `gateway` is its default, one process (one event loop, one CPU); "
+             f"`gateway, N workers` sets `MEP_GATEWAY_WORKERS=N` (a supervisor and N worker processes sharing "
+             f"the port). vllm-router {ROUTER_VERSION} (PyPI) runs in its default mode (a thread per core) with "
              f"`--policy round_robin` and the same two workers. Time to first byte: request written to the first "
              f"body byte at the client. Gap: time between two arrivals of stream data at the client. CPU: the "
-             f"proxy process's user + system time over the window per 1,000 chunks delivered (SSE data events). "
-             f"RSS: its largest resident memory during the window.", "",
+             f"proxy's processes' user + system time over the window per 1,000 chunks delivered (SSE data "
+             f"events). Memory: the largest PSS of the proxy's processes summed, during the window.", "",
              "| streams | path | errors | TTFB p50 (ms) | TTFB p99 (ms) | gap p99 (ms) | streams/s | "
-             "CPU s / 1,000 chunks | peak RSS (MiB) |",
+             "CPU s / 1,000 chunks | peak memory (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in concurrencies:
-        for path in PATHS:
+        for path in paths:
             r = results[(path, c)]
             err = str(r["errors"]) + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})"
                                       if r["errors"] else "")
-            lines.append(f"| {c:,} | {path} | {err} | {fmt(r['ttfb_p50_ms'])} | {fmt(r['ttfb_p99_ms'], 1)} | "
+            lines.append(f"| {c:,} | {label(path)} | {err} | {fmt(r['ttfb_p50_ms'])} | {fmt(r['ttfb_p99_ms'], 1)} | "
                          f"{fmt(r['gap_p99_ms'], 1)} | {fmt(r['streams_per_s'], 1)} | "
                          f"{fmt(r['cpu_per_1000_chunks_s'], 3)} | {fmt(r['rss_mib'], 0)} |")
+    proxies = gateways + ["vllm-router"]
     lines += ["", "Added time to first byte over direct (ms, p50 / p99):", "",
-              "| streams | gateway | vllm-router |", "|---|---|---|"]
+              "| streams | " + " | ".join(label(p) for p in proxies) + " |",
+              "|---|" + "---|" * len(proxies)]
     for c in concurrencies:
         d = results[("direct", c)]
         cells = [f"{results[(p, c)]['ttfb_p50_ms'] - d['ttfb_p50_ms']:+.2f} / "
-                 f"{results[(p, c)]['ttfb_p99_ms'] - d['ttfb_p99_ms']:+.1f}" for p in ("gateway", "vllm-router")]
-        lines.append(f"| {c:,} | {cells[0]} | {cells[1]} |")
+                 f"{results[(p, c)]['ttfb_p99_ms'] - d['ttfb_p99_ms']:+.1f}" for p in proxies]
+        lines.append(f"| {c:,} | " + " | ".join(cells) + " |")
 
-    # Targets.
-    checks: list[tuple[str, str, bool]] = []
-    top = max(concurrencies)
-    g_top = results[("gateway", top)]
-    checks.append((f"zero errors through the gateway at {top:,} streams", str(g_top["errors"]),
-                   g_top["errors"] == 0))
-    if 256 in concurrencies:
-        added = results[("gateway", 256)]["ttfb_p50_ms"] - results[("direct", 256)]["ttfb_p50_ms"]
-        checks.append(("TTFB p50 within 1 ms of direct at 256 streams", f"{added:+.2f} ms",
-                       added <= TARGET_TTFB_P50_MS_AT_256))
-    for c in concurrencies:
-        ratio = results[("gateway", c)]["streams_per_s"] / max(1e-9, results[("direct", c)]["streams_per_s"])
-        checks.append((f"throughput at least 0.97 of direct at {c:,}", f"{ratio:.3f}", ratio >= TARGET_THROUGHPUT))
-    for c in concurrencies:
-        g, v = results[("gateway", c)]["cpu_per_1000_chunks_s"], results[("vllm-router", c)]["cpu_per_1000_chunks_s"]
-        if g is not None and v:
-            checks.append((f"CPU per chunk at most 1.5x vllm-router's at {c:,}", f"{g / v:.2f}x",
-                           g <= TARGET_VS_ROUTER * v))
-    for c in concurrencies:
-        d = results[("direct", c)]
-        for q in ("p50", "p99"):
-            ga = results[("gateway", c)][f"ttfb_{q}_ms"] - d[f"ttfb_{q}_ms"]
-            va = results[("vllm-router", c)][f"ttfb_{q}_ms"] - d[f"ttfb_{q}_ms"]
-            # Below 0.2 ms both are within the noise of one loop iteration: compare against that floor.
-            floor = max(va, 0.2)
-            checks.append((f"added TTFB {q} at most 1.5x vllm-router's at {c:,}",
-                           f"{ga:+.2f} vs {va:+.2f} ms", ga <= TARGET_VS_ROUTER * floor))
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {name} | {value} | {'yes' if ok else 'no'} |" for name, value, ok in checks]
+    # Targets, for each gateway variant.
+    def checks_of(gw: str) -> list[tuple[str, str, bool]]:
+        out: list[tuple[str, str, bool]] = []
+        top = max(concurrencies)
+        g_top = results[(gw, top)]
+        out.append((f"zero errors at {top:,} streams", str(g_top["errors"]), g_top["errors"] == 0))
+        if 256 in concurrencies:
+            added = results[(gw, 256)]["ttfb_p50_ms"] - results[("direct", 256)]["ttfb_p50_ms"]
+            out.append(("TTFB p50 within 1 ms of direct at 256 streams", f"{added:+.2f} ms",
+                        added <= TARGET_TTFB_P50_MS_AT_256))
+        for c in concurrencies:
+            ratio = results[(gw, c)]["streams_per_s"] / max(1e-9, results[("direct", c)]["streams_per_s"])
+            out.append((f"throughput at least 0.97 of direct at {c:,}", f"{ratio:.3f}", ratio >= TARGET_THROUGHPUT))
+        for c in concurrencies:
+            g, v = results[(gw, c)]["cpu_per_1000_chunks_s"], results[("vllm-router", c)]["cpu_per_1000_chunks_s"]
+            if g is not None and v:
+                out.append((f"CPU per chunk at most 1.5x vllm-router's at {c:,}", f"{g / v:.2f}x",
+                            g <= TARGET_VS_ROUTER * v))
+        for c in concurrencies:
+            d = results[("direct", c)]
+            for q in ("p50", "p99"):
+                ga = results[(gw, c)][f"ttfb_{q}_ms"] - d[f"ttfb_{q}_ms"]
+                va = results[("vllm-router", c)][f"ttfb_{q}_ms"] - d[f"ttfb_{q}_ms"]
+                # Below 0.2 ms both are within the noise of one loop iteration: compare against that floor.
+                floor = max(va, 0.2)
+                out.append((f"added TTFB {q} at most 1.5x vllm-router's at {c:,}",
+                            f"{ga:+.2f} vs {va:+.2f} ms", ga <= TARGET_VS_ROUTER * floor))
+        return out
+
+    per = {gw: checks_of(gw) for gw in gateways}
+    lines += ["", "| target | " + " | ".join(f"{label(g)} | met" for g in gateways) + " |",
+              "|---|" + "---|---|" * len(gateways)]
+    for i, (name, _, _) in enumerate(per[gateways[0]]):
+        cells = []
+        for gw in gateways:
+            _, value, ok = per[gw][i]
+            cells += [value, "yes" if ok else "**no**"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "![added time to first byte against concurrency](gateway-latency.png)", "",
               f"Machine: {meta['cpus']} CPUs, {meta['mem_gib']:.0f} GiB RAM, CPython {platform.python_version()}, "
-              f"measured {meta['date']}; load average before the run {meta['load']}. The load generators, the "
-              f"two fake servers and the proxy share these cores (and other work shared the machine), so at "
-              f"the highest concurrency every path is CPU-bound and the latencies there mostly measure the "
-              f"machine; the CPU per chunk is the comparable figure.", ""]
-    failed = [name for name, _, ok in checks if not ok]
+              f"measured {meta['date']}; load average before the run {meta['load']}, after it {meta['load_after']}. "
+              f"The load generators, the two fake servers and the proxy share these cores (and other work shared "
+              f"the machine), so at the highest concurrency every path is CPU-bound and the latencies there mostly "
+              f"measure the machine; the CPU per chunk is the comparable figure.", ""]
+    failed = [f"{label(gw)}: {name}" for gw in gateways for name, _, ok in per[gw] if not ok]
     return "\n".join(lines), failed
 
 
@@ -382,20 +435,25 @@ def write_doc(section: str) -> None:
     DOC.write_text(text)
 
 
-def plot(results: dict[tuple[str, int], dict], concurrencies: list[int]) -> None:
+def plot(results: dict[tuple[str, int], dict], concurrencies: list[int], paths: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = ["o-", "^-", "D-"]
+    proxies = [p for p in paths if p.startswith("gateway")] + ["vllm-router"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, q in zip(axes, ("p50", "p99"), strict=True):
-        for path, style in (("gateway", "o-"), ("vllm-router", "s--")):
+        for i, path in enumerate(proxies):
             added = [results[(path, c)][f"ttfb_{q}_ms"] - results[("direct", c)][f"ttfb_{q}_ms"]
                      for c in concurrencies]
-            ax.plot(concurrencies, added, style, label="modelendpoint-gateway" if path == "gateway" else path)
+            style = "s--" if path == "vllm-router" else styles[i % len(styles)]
+            name = path if path == "vllm-router" else "modelendpoint-" + label(path)
+            ax.plot(concurrencies, added, style, label=name)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xticks(concurrencies, [f"{c:,}" for c in concurrencies])
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel(f"added time to first byte, {q} (ms)")
@@ -417,20 +475,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--chunks", type=int, default=64)
     p.add_argument("--interval", type=float, default=0.02)
+    p.add_argument("--workers", default="1,2", help="MEP_GATEWAY_WORKERS of each gateway variant measured")
     p.add_argument("--no-write", action="store_true", help="print the table; leave docs/ alone")
     args = p.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    variants = [int(w) for w in args.workers.split(",")]
+    gateways = {("gateway" if w == 1 else f"gateway-{w}w"): w for w in variants}
+    paths = ["direct", *gateways, "vllm-router"]
     assert GATEWAY_BIN.exists(), f"{GATEWAY_BIN} is missing; run `make setup`"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     router_exe = router_venv()
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    log(f"working in {work}")
+    log(f"working in {work}; load average {load}")
     procs: list[Proc] = []
     cp = None
     stop_beat = None
     try:
-        ports = localcluster.free_ports(5)
-        backend_ports, gw_port, gw_metrics, router_port = ports[:2], ports[2], ports[3], ports[4]
+        ports = localcluster.free_ports(4 + 2 * len(gateways))
+        backend_ports, router_port, router_metrics, gw_ports = ports[:2], ports[2], ports[3], ports[4:]
         for i, port in enumerate(backend_ports):
             procs.append(Proc(f"fake-{i}", [str(PY), str(HACK / "bench" / "fake_openai.py"), "--port", str(port),
                                             "--chunks", str(args.chunks), "--interval", str(args.interval)], work))
@@ -439,27 +501,34 @@ def main(argv: list[str] | None = None) -> int:
         log("starting the local control plane")
         cp = localcluster.start(work / "cluster")
         stop_beat = setup_cluster(cp, backend_ports)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MEP_GATEWAY_")}
-        env.update(KUBECONFIG=str(cp.kubeconfig), MEP_GATEWAY_BIND_ADDRESS="127.0.0.1",
-                   MEP_GATEWAY_PORT=str(gw_port), MEP_GATEWAY_METRICS_PORT=str(gw_metrics),
-                   MEP_GATEWAY_POD_NAME="bench-gateway")
-        gateway = Proc("gateway", [str(GATEWAY_BIN)], work, env)
-        procs.append(gateway)
-        wait_http(f"http://127.0.0.1:{gw_port}/v1/models", "the gateway to route the model", gateway,
-                  expect=MODEL.encode())
+        targets = {"direct": ",".join(f"127.0.0.1:{p}" for p in backend_ports),
+                   "vllm-router": f"127.0.0.1:{router_port}"}
+        pids: dict[str, int | None] = {"direct": None}
+        for i, (name, count) in enumerate(gateways.items()):
+            gw_port, gw_metrics = gw_ports[2 * i], gw_ports[2 * i + 1]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MEP_GATEWAY_")}
+            env.update(KUBECONFIG=str(cp.kubeconfig), MEP_GATEWAY_BIND_ADDRESS="127.0.0.1",
+                       MEP_GATEWAY_PORT=str(gw_port), MEP_GATEWAY_METRICS_PORT=str(gw_metrics),
+                       MEP_GATEWAY_POD_NAME=f"bench-{name}", MEP_GATEWAY_WORKERS=str(count))
+            gateway = Proc(name, [str(GATEWAY_BIN)], work, env)
+            procs.append(gateway)
+            wait_http(f"http://127.0.0.1:{gw_metrics}/readyz", f"{name} to be ready", gateway)
+            wait_http(f"http://127.0.0.1:{gw_port}/v1/models", f"{name} to route the model", gateway,
+                      expect=MODEL.encode())
+            targets[name] = f"127.0.0.1:{gw_port}"
+            pids[name] = gateway.pid
         router = Proc("vllm-router", [str(router_exe), "--host", "127.0.0.1", "--port", str(router_port),
-                                      "--policy", "round_robin", "--worker-urls",
+                                      "--policy", "round_robin", "--prometheus-port", str(router_metrics),
+                                      "--worker-urls",
                                       *[f"http://127.0.0.1:{p}" for p in backend_ports]], work)
         procs.append(router)
         wait_http(f"http://127.0.0.1:{router_port}/health", "vllm-router", router)
-        targets = {"direct": ",".join(f"127.0.0.1:{p}" for p in backend_ports),
-                   "gateway": f"127.0.0.1:{gw_port}", "vllm-router": f"127.0.0.1:{router_port}"}
-        pids = {"direct": None, "gateway": gateway.pid, "vllm-router": router.pid}
-        points = {(path, c): Point() for path in PATHS for c in concurrencies}
+        pids["vllm-router"] = router.pid
+        points = {(path, c): Point() for path in paths for c in concurrencies}
         for rnd in range(args.rounds):
             for ci, c in enumerate(concurrencies):
-                shift = (rnd + ci) % len(PATHS)
-                for path in PATHS[shift:] + PATHS[:shift]:
+                shift = (rnd + ci) % len(paths)
+                for path in paths[shift:] + paths[:shift]:
                     log(f"round {rnd + 1}/{args.rounds}: {c} streams via {path}")
                     measure(points[(path, c)], targets[path], pids[path], c, args.warmup, args.duration, work,
                             f"r{rnd}-{c}-{path}")
@@ -472,12 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
         meta = {"argv": extra if extra.strip() else "", "cpus": os.cpu_count(),
                 "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-                "date": datetime.date.today().isoformat(), "load": load}
-        section, failed = report(results, concurrencies, args, meta)
+                "date": datetime.date.today().isoformat(), "load": load,
+                "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+        section, failed = report(results, concurrencies, paths, args, meta)
         print(section)
         if not args.no_write:
             write_doc(section)
-            plot(results, concurrencies)
+            plot(results, concurrencies, paths)
             log(f"wrote {DOC.relative_to(REPO)} and {PLOT.relative_to(REPO)}")
         if failed:
             log("targets not met: " + "; ".join(failed))
