@@ -111,8 +111,15 @@ def test_replica_metrics_parse_vllms_series() -> None:
         'vllm:request_success_created{engine="0",finished_reason="stop",model_name="m"} 1.7e9',
         "# TYPE modelendpoint_requests_in_flight gauge",
         "modelendpoint_requests_in_flight 9.0",
+        # Series whose names only start like the ones read, and a histogram, count for nothing.
+        "vllm:num_requests_running_max 7.0",
+        'vllm:num_requests_waiting_by_reason{reason="capacity"} 6.0',
+        "# TYPE vllm:e2e_request_latency_seconds histogram",
+        'vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="m"} 14.0',
+        # A series without labels (a runtime that drops them) is read too.
+        "vllm:num_requests_waiting 1.0",
     ]) + "\n"
-    assert a.parse_replica_metrics(text) == a.ReplicaLoad(in_flight=5.0, finished=14.0)
+    assert a.parse_replica_metrics(text) == a.ReplicaLoad(in_flight=6.0, finished=14.0)
 
 
 def test_held_requests_count_only_fresh_gateway_entries() -> None:
