@@ -18,6 +18,11 @@ cache="${MEP_CACHE:-$HOME/.cache/modelendpoint}"
 bin="$cache/testbed-k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}/bin"
 mkdir -p "$bin"
 
+# One build at a time per cache: make test's fixtures and a `make testbed` in
+# another shell would otherwise race on the same .partial folders.
+exec 9>"$cache/.testbed.lock"
+flock 9
+
 export GOFLAGS="-trimpath"
 ldflags="-s -w"
 

@@ -55,7 +55,7 @@ READY_TIMEOUT_S = 300.0
 # `hermes` tool-call parser reads (<tools> in the system message, <tool_call>
 # for calls, <tool_response> for results): what `engine.chatTemplate` is for.
 # Without tools it renders exactly what the model's own template renders, so
-# every other test sees the same prompts (tests/unit/test_runtime_apis.py checks).
+# every other test sees the same prompts (tests/unit/test_runtime_api_routes.py checks).
 TOOLS_CHAT_TEMPLATE = (
     "{%- set default_system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' -%}"
     "{%- if tools -%}"

