@@ -129,6 +129,10 @@ CGO_ENABLED=0 node_build containerd-shim-runc-v2 -tags "no_btrfs urfave_cli_no_d
 CGO_ENABLED=0 node_build ctr -tags "no_btrfs urfave_cli_no_docs" \
   -ldflags "$ldflags -X $ctrd/version.Version=${CONTAINERD_VERSION}" "$ctrd/cmd/ctr"
 # seccomp needs cgo and libseccomp; without the libpathrs tag runc uses its Go path resolution.
+# On a fresh machine the Debian packages come first (the node's host setup installs them).
+if [ ! -x "$node_bin/runc" ] && ! pkg-config --exists libseccomp 2>/dev/null; then
+  bash "$here/node/host-setup.sh" --packages-only
+fi
 CGO_ENABLED=1 node_build runc -tags "seccomp urfave_cli_no_docs" \
   -ldflags "-X main.version=${RUNC_VERSION#v}" github.com/opencontainers/runc
 CGO_ENABLED=0 node_build crictl \
