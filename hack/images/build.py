@@ -66,7 +66,10 @@ VLLM_CPU_SYSTEM_PACKAGES = ("libnuma1", "g++", "python3-dev")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MEP_CACHE", Path.home() / ".cache" / "modelendpoint")) / "images"
+    """The images' cache folder, made on first use (a fresh machine has none)."""
+    path = Path(os.environ.get("MEP_CACHE", Path.home() / ".cache" / "modelendpoint")) / "images"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def versions() -> dict[str, str]:
