@@ -65,9 +65,13 @@ PAUSE_SOURCE = "build/pause/linux/pause.c"
 VLLM_CPU_SYSTEM_PACKAGES = ("libnuma1", "g++", "python3-dev")
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("MEP_CACHE", Path.home() / ".cache" / "modelendpoint"))
+
+
 def cache_dir() -> Path:
     """The images' cache folder, made on first use (a fresh machine has none)."""
-    path = Path(os.environ.get("MEP_CACHE", Path.home() / ".cache" / "modelendpoint")) / "images"
+    path = cache_root() / "images"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -176,7 +180,9 @@ def vllm_base_key(v: dict[str, str], python_key: str) -> str:
 
 @dataclass
 class Buildah:
-    """buildah with a storage of its own in the cache (not the machine's /var/lib/containers)."""
+    """buildah with a storage of its own in the cache (not the machine's /var/lib/containers),
+    running RUN steps with the node's own runc: Debian's buildah only recommends a runtime,
+    and a fresh machine has none."""
 
     storage: Path
     runroot: Path = Path("/run/mep-buildah")
@@ -185,8 +191,14 @@ class Buildah:
         return ["buildah", "--root", str(self.storage), "--runroot", str(self.runroot),
                 "--storage-driver", "overlay", *args]
 
+    def env(self) -> dict[str, str]:
+        runc = config.node_bin_dir(cache_root(), versions()) / "runc"
+        if not runc.exists():
+            raise RuntimeError(f"{runc} is missing; run `make testbed` (it builds the node's runc)")
+        return {**os.environ, "BUILDAH_RUNTIME": str(runc)}
+
     def __call__(self, *args: str, check: bool = True, quiet: bool = True) -> str:
-        proc = subprocess.run(self.argv(*args), text=True, stdout=subprocess.PIPE,
+        proc = subprocess.run(self.argv(*args), text=True, stdout=subprocess.PIPE, env=self.env(),
                               stderr=subprocess.PIPE if quiet else None)
         if check and proc.returncode:
             raise RuntimeError(f"buildah {' '.join(args)} failed:\n{(proc.stderr or '')[-3000:]}")
