@@ -202,6 +202,20 @@ class RuntimeServer:
         r.raise_for_status()
         return {entry["name"]: entry for entry in r.json()["adapters"]}
 
+    def settled_adapters(self, names: set[str]) -> dict[str, dict[str, Any]]:
+        """GET /adapters once it lists exactly ``names``, none of them still loading."""
+        from waiting import wait_for
+
+        seen: dict[str, dict[str, Any]] = {}
+
+        def done() -> bool:
+            seen.clear()
+            seen.update(self.adapters())
+            return set(seen) == names and all(a["state"] != "loading" for a in seen.values())
+
+        wait_for(done, timeout=60, interval=0.2, what=f"GET /adapters to settle on {sorted(names)}")
+        return seen
+
     def write_keys(self, content: str) -> None:
         """Replace the key file's content the way the kubelet updates a Secret volume (atomically)."""
         assert self.key_file is not None

@@ -52,6 +52,8 @@ VALUES = {
     "defaultRuntimeImage": RUNTIME_IMAGE,
     "logFormat": "plain",
 }
+# The operator's own pods and ReplicaSets: the release's gateway shares its instance label.
+OPERATOR_PODS = f"app.kubernetes.io/name=modelendpoint-operator,app.kubernetes.io/instance={RELEASE}"
 CHART_KINDS = ("deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,"
                "poddisruptionbudgets,kopfpeerings")
 CLUSTER_KINDS = "clusterroles,clusterrolebindings,clusterkopfpeerings"
@@ -131,7 +133,7 @@ def test_install_deploys_the_operator_and_its_rbac(release):
     dep = release.deployment()
     assert dep["status"].get("availableReplicas") == 1  # --wait: the (kwok) pod became Ready
     [pod] = release.get("pods", "-n", SYSTEM_NS, "-l",
-                        f"app.kubernetes.io/instance={RELEASE}")["items"]
+                        OPERATOR_PODS)["items"]
     assert pod["status"]["phase"] == "Running"
     assert pod["spec"]["serviceAccountName"] == FULLNAME
     # The CRDs: ModelEndpoint's a template of the release, kept on uninstall; kopf's
@@ -320,7 +322,7 @@ def test_operator_reconciles_with_only_the_service_account_token(release):
     # One operator per peering object: the in-cluster replica steps aside.
     cp.kubectl("scale", "deployment", FULLNAME, "-n", SYSTEM_NS, "--replicas=0")
     wait_for(lambda: not release.get("pods", "-n", SYSTEM_NS, "-l",
-                                     f"app.kubernetes.io/instance={RELEASE}")["items"],
+                                     OPERATOR_PODS)["items"],
              timeout=90, what="the in-cluster operator pod to go")
 
     kubeconfig = sa_kubeconfig(release, SYSTEM_NS, FULLNAME)
@@ -417,7 +419,7 @@ def test_operator_reconciles_with_only_the_service_account_token(release):
 
 def replicasets(release: Release) -> dict[str, dict]:
     items = release.get("replicasets", "-n", SYSTEM_NS, "-l",
-                        f"app.kubernetes.io/instance={RELEASE}")["items"]
+                        OPERATOR_PODS)["items"]
     return {rs["metadata"]["name"]: rs for rs in items}
 
 
@@ -436,7 +438,7 @@ def test_helm_upgrade_with_changed_values_rolls_the_operator(release):
 
     def rolled() -> str | None:
         new = {n: rs for n, rs in replicasets(release).items() if n not in old_sets}
-        pods = release.get("pods", "-n", SYSTEM_NS, "-l", f"app.kubernetes.io/instance={RELEASE}")
+        pods = release.get("pods", "-n", SYSTEM_NS, "-l", OPERATOR_PODS)
         for name, rs in new.items():  # a new pod template: a new ReplicaSet, with the pods
             hash_ = rs["metadata"]["labels"]["pod-template-hash"]
             running = [p for p in pods["items"] if p["status"].get("phase") == "Running"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from openai import AuthenticationError, NotFoundError, OpenAI
 
 from fixtures_gateway import GatewayProcess, gateway_identity, runtime_pod, set_pod_ready
 from fixtures_operator import mep
+from fixtures_runtime import make_lora_adapter
 from waiting import wait_for
 
 # Pods of the operator's own Deployments never become ready here: keep them off every node.
@@ -236,12 +238,27 @@ def test_namespaced_mode_serves_only_its_namespaces_with_only_roles_there(contro
             kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+@pytest.fixture
+def served_adapter(runtime_server, embedded_model_dir, tmp_path) -> Iterator[str]:
+    """A LoRA adapter the session's runtime serves for this test (its adapters file is empty otherwise)."""
+    name = "gw-adapter"
+    source = make_lora_adapter(embedded_model_dir, tmp_path / name, seed=3)
+    runtime_server.write_adapters([{"name": name, "source": str(source)}])
+    try:
+        runtime_server.settled_adapters({name})
+        yield name
+    finally:
+        runtime_server.write_adapters([])
+        runtime_server.settled_adapters(set())
+
+
 def test_a_lora_adapter_is_routed_by_its_name_and_listed_with_its_parent(cluster_gateway, kubectl, ns,
-                                                                         runtime_server):
+                                                                         runtime_server, served_adapter):
     gw, rt = cluster_gateway, runtime_server
-    # The adapter the session's runtime serves, as its own /models lists it (parent = the served name).
+    # The runtime's own /models lists the adapter with parent = the served name.
     cards = httpx.get(f"{rt.base_url}/models", headers=rt.headers, timeout=10).json()["data"]
     adapter = next(c["id"] for c in cards if c.get("parent") == rt.model)
+    assert adapter == served_adapter
     endpoint(kubectl, ns, "lora", rt.model, adapters=[{"name": adapter, "source": "/models/some-adapter"}])
     runtime_pod(kubectl, ns, "lora-0", "lora", rt.port)
     wait_for(lambda: adapter in listed(gw), timeout=10, what="the adapter listed")
@@ -259,3 +276,4 @@ def test_a_lora_adapter_is_routed_by_its_name_and_listed_with_its_parent(cluster
     assert text
     with pytest.raises(NotFoundError):
         c.chat.completions.create(model=f"{adapter}-typo", messages=MSG, max_tokens=2)
+

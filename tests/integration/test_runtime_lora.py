@@ -33,16 +33,7 @@ def greedy(client, model: str) -> str:
 
 
 def settled(server, names: set[str]) -> dict:
-    """GET /adapters once it lists exactly ``names``, none of them still loading."""
-    seen: dict = {}
-
-    def done() -> bool:
-        seen.clear()
-        seen.update(server.adapters())
-        return set(seen) == names and all(a["state"] != "loading" for a in seen.values())
-
-    wait_for(done, timeout=60, interval=0.2, what=f"GET /adapters to settle on {sorted(names)}")
-    return seen
+    return server.settled_adapters(names)
 
 
 @pytest.fixture(scope="module")
