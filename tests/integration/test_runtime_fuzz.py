@@ -163,3 +163,72 @@ def test_fuzzed_bodies_never_5xx_and_errors_are_openai_shaped(http, runtime_serv
     assert httpx.get(runtime_server.root_url + "/ready").status_code == 200
     r = http.post("/completions", json={"model": runtime_server.model, "prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+# -- issue 14's routes: junk in the fields each adds -------------------------------------------------
+
+tool_like = st.one_of(
+    junk,
+    st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "custom"]) | junk,
+                                    "function": st.fixed_dictionaries(
+                                        {"name": st.text(max_size=8) | junk},
+                                        optional={"parameters": junk | st.just({"type": "object"}),
+                                                  "strict": junk})}), max_size=2),
+)  # fmt: skip
+NEW = {
+    "chat-tools": ("/chat/completions", {
+        "messages": st.just([{"role": "user", "content": "hi"}]) | messages, "max_tokens": st.integers(1, 2),
+    }, {
+        "tools": tool_like, "tool_choice": st.sampled_from(["none", "auto", "required"]) | junk,
+        "response_format": junk | st.sampled_from([{"type": "json_object"}, {"type": "json_schema"},
+                                                   {"type": "json_schema", "json_schema": {"name": "x"}}]),
+        "parallel_tool_calls": junk, "stream": st.booleans(),
+    }),
+    "responses": ("/responses", {"input": st.text(max_size=20) | junk | messages,
+                                 "max_output_tokens": st.integers(1, 2) | junk}, {
+        "instructions": junk, "temperature": numbers, "tools": junk, "text": junk, "reasoning": junk,
+        "stream": st.booleans(), "store": junk, "previous_response_id": junk,
+    }),
+    "messages": ("/messages", {"messages": messages, "max_tokens": st.integers(1, 2) | junk}, {
+        "system": junk, "stop_sequences": junk, "tools": junk, "tool_choice": junk, "thinking": junk,
+        "stream": st.booleans(), "top_k": numbers, "metadata": junk,
+    }),
+    "tokenize": ("/tokenize", {"prompt": st.text(max_size=20) | junk}, {"messages": messages, "tools": junk,
+                                                                      "add_special_tokens": junk}),
+    "detokenize": ("/detokenize", {"tokens": st.lists(st.integers(-5, 60000), max_size=4) | junk}, {}),
+    "embeddings": ("/embeddings", {"input": junk}, {"dimensions": numbers, "encoding_format": junk}),
+}  # fmt: skip
+
+
+def check_new(r: httpx.Response, path: str) -> None:
+    assert r.status_code < 500, r.text[:500]
+    assert r.status_code != 422
+    if r.status_code >= 400:
+        body = r.json()
+        if path.startswith("/messages"):
+            assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        else:
+            assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        return
+    if r.headers["content-type"].startswith("text/event-stream"):
+        assert "internal_error" not in r.text and "api_error" not in r.text, r.text[-500:]
+
+
+@pytest.mark.parametrize("kind", list(NEW))
+def test_fuzzed_bodies_on_the_new_routes_never_5xx_and_keep_their_error_shape(http, runtime_server, kind):
+    path, required, optional = NEW[kind]
+    strategy = st.fixed_dictionaries({"model": st.sampled_from([runtime_server.model] * 3 + ["other", 7]),
+                                      **required}, optional=optional)  # fmt: skip
+    statuses: list[int] = []
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(strategy)
+    def run(body):
+        r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        statuses.append(r.status_code)
+        check_new(r, path)
+
+    run()
+    assert statuses.count(400) + statuses.count(404) >= 5, sorted(set(statuses))
+    assert httpx.get(runtime_server.root_url + "/ready").status_code == 200
