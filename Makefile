@@ -55,7 +55,7 @@ test-unit: setup ## unit tests only (seconds)
 test-integration: setup testbed embedded-model node-deps ## integration tests only
 	@$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
-test-e2e: setup testbed embedded-model ## end-to-end tests only
+test-e2e: setup testbed embedded-model node-deps ## end-to-end tests only
 	@$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
 bench-runtime: setup embedded-model ## this runtime against vLLM's own OpenAI server, side by side
