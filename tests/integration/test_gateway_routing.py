@@ -276,4 +276,3 @@ def test_a_lora_adapter_is_routed_by_its_name_and_listed_with_its_parent(cluster
     assert text
     with pytest.raises(NotFoundError):
         c.chat.completions.create(model=f"{adapter}-typo", messages=MSG, max_tokens=2)
-

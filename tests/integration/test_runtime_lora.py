@@ -32,10 +32,6 @@ def greedy(client, model: str) -> str:
     return r.choices[0].message.content
 
 
-def settled(server, names: set[str]) -> dict:
-    return server.settled_adapters(names)
-
-
 @pytest.fixture(scope="module")
 def base_text(openai_client, runtime_server) -> str:
     return greedy(openai_client, runtime_server.model)
@@ -47,11 +43,11 @@ def first_adapter(runtime_server, embedded_model_dir, tmp_path_factory):
     source = make_lora_adapter(embedded_model_dir, tmp_path_factory.mktemp("lora") / START_ADAPTER, seed=1)
     runtime_server.write_adapters([{"name": START_ADAPTER, "source": str(source)}])
     try:
-        settled(runtime_server, {START_ADAPTER})
+        runtime_server.settled_adapters({START_ADAPTER})
         yield source
     finally:
         runtime_server.write_adapters([])
-        settled(runtime_server, set())
+        runtime_server.settled_adapters(set())
 
 
 @pytest.mark.conformance(
@@ -99,7 +95,7 @@ def test_adapters_come_and_go_without_a_restart(openai_client, runtime_server, b
         {"name": "smol-lora-missing", "source": str(tmp_path / "not-there")},
     ])  # fmt: skip
     try:
-        report = settled(runtime_server, {START_ADAPTER, "smol-lora-b", "smol-lora-r16", "smol-lora-missing"})
+        report = runtime_server.settled_adapters({START_ADAPTER, "smol-lora-b", "smol-lora-r16", "smol-lora-missing"})
         assert report["smol-lora-b"]["state"] == "loaded" and report[START_ADAPTER]["state"] == "loaded"
         assert report["smol-lora-r16"]["state"] == "failed" and "max_lora_rank" in report["smol-lora-r16"]["error"]
         assert report["smol-lora-missing"]["state"] == "failed" and report["smol-lora-missing"]["error"]
@@ -117,7 +113,7 @@ def test_adapters_come_and_go_without_a_restart(openai_client, runtime_server, b
 
         # Removed: no longer listed nor served; the one left still is.
         runtime_server.write_adapters([{"name": "smol-lora-b", "source": str(added)}])
-        settled(runtime_server, {"smol-lora-b"})
+        runtime_server.settled_adapters({"smol-lora-b"})
         assert {m.id for m in openai_client.models.list()} == {runtime_server.model, "smol-lora-b"}
         r = httpx.post(runtime_server.base_url + "/chat/completions", headers=runtime_server.headers, timeout=60,
                        json={"model": START_ADAPTER, "messages": PROMPT, "max_tokens": 2})  # fmt: skip
@@ -126,7 +122,7 @@ def test_adapters_come_and_go_without_a_restart(openai_client, runtime_server, b
         assert runtime_server.process.pid == pid and runtime_server.alive()
     finally:
         runtime_server.write_adapters([{"name": START_ADAPTER, "source": start["source"]}])
-        settled(runtime_server, {START_ADAPTER})
+        runtime_server.settled_adapters({START_ADAPTER})
 
 
 @pytest.mark.conformance(Row("ADAPTERS_FILE", "a file turned unusable keeps the current adapters", HTTP, NA))
