@@ -256,7 +256,7 @@ class FakeReplica:
             self.close_before -= 1
             request.transport.abort()
             raise asyncio.CancelledError()
-        if isinstance(obj, dict) and obj.get("model") in self.unknown_models:
+        if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"] in self.unknown_models:
             return web.json_response({"error": {"message": f"The model `{obj['model']}` does not exist.",
                                                 "type": "invalid_request_error", "param": "model",
                                                 "code": "model_not_found"}}, status=404)
