@@ -386,8 +386,12 @@ def create_app(
         return JSONResponse({"status": reason}, status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        # Prometheus's `name[]` selector (prometheus_client's own exporters honour it): the
+        # autoscaler asks for its three series, not the ~100 kB of vLLM's histograms.
+        names = request.query_params.getlist("name[]")
+        registry = REGISTRY.restricted_registry(names) if names else REGISTRY
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/adapters", include_in_schema=False)
     async def adapters() -> Response:

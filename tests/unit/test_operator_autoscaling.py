@@ -191,7 +191,9 @@ def test_ready_replicas_are_scraped_on_their_metrics_port() -> None:
         {"metadata": {"uid": "c", "deletionTimestamp": "x"}, "status": {"podIP": "10.0.0.3", "conditions": [ready]}},
         {"metadata": {"uid": "d"}, "status": {"conditions": [ready]}},
     ]
-    assert ready_replicas(pods) == [("a", "http://10.0.0.1:9400/metrics")]
+    assert ready_replicas(pods) == [("a", "http://10.0.0.1:9400")]
+    assert a.LOAD_METRICS_PATH == ("/metrics?name[]=vllm%3Anum_requests_running&name[]=vllm%3Anum_requests_waiting"
+                                   "&name[]=vllm%3Arequest_success_total")
 
 
 def _peer(priority: int, age: float, lifetime: int = 60) -> dict:

@@ -621,6 +621,10 @@ def test_metrics_port_serves_probes_and_metrics_without_a_key():
 
     r = run(get("/metrics", **on_metrics))
     assert r.status_code == 200 and "# TYPE " in r.text  # the default registry (vLLM's series in a pod)
+    # Prometheus's name[] selector: only the samples named (the autoscaler asks for its three series).
+    r = run(get("/metrics?name[]=python_info&name[]=process_cpu_seconds_total", **on_metrics))
+    samples = {line.split("{")[0].split(" ")[0] for line in r.text.splitlines() if line and line[0] != "#"}
+    assert r.status_code == 200 and samples == {"python_info", "process_cpu_seconds_total"}
     assert run(get("/ready", **on_metrics)).status_code == 200
     assert run(get("/health", **on_metrics)).status_code == 200
     # Nothing else there, key or not; and the main port still wants the key for /metrics.
