@@ -68,6 +68,9 @@ RUNTIME_GID = 10001
 
 ANNOTATION_PREFIX = GROUP
 
+# A CPU endpoint's default for vLLM's thread binding, which spec.env may override (manifests.container_env).
+CPU_THREADS_BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
+
 # Runtime variables the operator always sets from the ModelEndpoint's own fields: the
 # CRD refuses them in spec.env (a user value would break routing, auth or the probes).
 OPERATOR_SET_VARIABLES: tuple[str, ...] = (

@@ -117,7 +117,15 @@ def container_env(ep: Endpoint) -> list[dict[str, Any]]:
     if spec.api_key_secret_ref:
         env.append({"name": "API_KEY_FILE", "value": c.API_KEY_FILE})
     refused = {e["name"] for e in env} | set(c.OPERATOR_SET_VARIABLES)
-    env.extend(e.wire() for e in spec.env or [] if e.name not in refused)
+    user = [e.wire() for e in spec.env or [] if e.name not in refused]
+    if spec.gpus == 0 and not any(e["name"] == c.CPU_THREADS_BIND_VARIABLE for e in user):
+        # vLLM's CPU backend binds its compute threads to cores it picks from the whole
+        # machine ("auto"): every such pod on a node would pick the same cores (measured:
+        # three engines on core 0 of two, a fourth never finishing its load). Unbound, the
+        # kernel spreads them. Where the kubelet's static CPU manager gives a pod its own
+        # cores, spec.env sets "auto" (or a core list) back.
+        env.append({"name": c.CPU_THREADS_BIND_VARIABLE, "value": "nobind"})
+    env.extend(user)
     return env
 
 

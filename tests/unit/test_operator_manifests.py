@@ -143,6 +143,14 @@ def test_user_env_follows_in_order_and_never_replaces_what_the_operator_sets() -
     assert values(obj)["MODEL_NAME"] == "org/model" and "API_KEY" not in values(obj)
 
 
+def test_a_cpu_endpoint_leaves_thread_placement_to_the_kernel_unless_its_env_says_otherwise() -> None:
+    assert values(owner(gpus=0))["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in values(owner(gpus=1))
+    pinned = owner(gpus=0, env=[{"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "auto"}])
+    assert [e for e in m.container_env(pinned) if e["name"] == "VLLM_CPU_OMP_THREADS_BIND"] == [
+        {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "auto"}]
+
+
 def test_pod_template_contract() -> None:
     obj = owner(shmSize="16Gi", drainTimeoutSeconds=40, replicas=3)
     dep = m.deployment(obj, SETTINGS)
