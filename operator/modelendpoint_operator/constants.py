@@ -51,6 +51,13 @@ HF_HOME = "/var/cache/huggingface"
 SHM_PATH = "/dev/shm"
 CACHE_VOLUME = "model-cache"
 SHM_VOLUME = "dshm"
+# The root filesystem is read-only: what vLLM, torch and Triton write outside the model
+# cache (their caches under $HOME, temporary files) goes to these two emptyDirs. The home
+# is the runtime image's (Dockerfile.runtime), set as HOME for images that differ.
+TMP_VOLUME = "tmp"
+TMP_PATH = "/tmp"
+HOME_VOLUME = "home"
+RUNTIME_HOME = "/home/modelendpoint"
 PVC_SUFFIX = "-cache"
 
 # Pod lifecycle: the preStop sleep lets endpoints/ingress stop routing before
@@ -68,8 +75,6 @@ RUNTIME_GID = 10001
 
 ANNOTATION_PREFIX = GROUP
 
-# A CPU endpoint's default for vLLM's thread binding, which spec.env may override (manifests.container_env).
-CPU_THREADS_BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
 
 # Runtime variables the operator always sets from the ModelEndpoint's own fields: the
 # CRD refuses them in spec.env (a user value would break routing, auth or the probes).

@@ -118,15 +118,23 @@ def container_env(ep: Endpoint) -> list[dict[str, Any]]:
         env.append({"name": "API_KEY_FILE", "value": c.API_KEY_FILE})
     refused = {e["name"] for e in env} | set(c.OPERATOR_SET_VARIABLES)
     user = [e.wire() for e in spec.env or [] if e.name not in refused]
-    if spec.gpus == 0 and not any(e["name"] == c.CPU_THREADS_BIND_VARIABLE for e in user):
+    named = {e["name"] for e in user}
+    env.extend({"name": k, "value": v} for k, v in overridable_env(ep).items() if k not in named)
+    env.extend(user)
+    return env
+
+
+def overridable_env(ep: Endpoint) -> dict[str, str]:
+    """Variables the operator sets unless ``spec.env`` names them."""
+    out = {"HOME": c.RUNTIME_HOME}  # writable (a volume) in any image, the root being read-only
+    if ep.spec.gpus == 0:
         # vLLM's CPU backend binds its compute threads to cores it picks from the whole
         # machine ("auto"): every such pod on a node would pick the same cores (measured:
         # three engines on core 0 of two, a fourth never finishing its load). Unbound, the
         # kernel spreads them. Where the kubelet's static CPU manager gives a pod its own
         # cores, spec.env sets "auto" (or a core list) back.
-        env.append({"name": c.CPU_THREADS_BIND_VARIABLE, "value": "nobind"})
-    env.extend(user)
-    return env
+        out["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return out
 
 
 def _resources(ep: Endpoint) -> dict[str, Any]:
@@ -179,10 +187,14 @@ def pod_template(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any]:
     volumes: list[dict[str, Any]] = [
         {"name": c.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
         cache_volume,
+        {"name": c.TMP_VOLUME, "emptyDir": {}},
+        {"name": c.HOME_VOLUME, "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": c.SHM_VOLUME, "mountPath": c.SHM_PATH},
         {"name": c.CACHE_VOLUME, "mountPath": c.HF_HOME},
+        {"name": c.TMP_VOLUME, "mountPath": c.TMP_PATH},
+        {"name": c.HOME_VOLUME, "mountPath": c.RUNTIME_HOME},
     ]
     if spec.api_key_secret_ref:
         # The kubelet updates a Secret volume in place (an atomic symlink swap) when the
@@ -222,6 +234,7 @@ def pod_template(ep: Endpoint, settings: OperatorSettings) -> dict[str, Any]:
         "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +144,11 @@ def test_user_env_follows_in_order_and_never_replaces_what_the_operator_sets() -
     assert values(obj)["MODEL_NAME"] == "org/model" and "API_KEY" not in values(obj)
 
 
+def test_the_runtime_images_home_is_the_volume_the_operator_mounts() -> None:
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile.runtime").read_text()
+    assert f"HOME={c.RUNTIME_HOME}" in dockerfile
+
+
 def test_a_cpu_endpoint_leaves_thread_placement_to_the_kernel_unless_its_env_says_otherwise() -> None:
     assert values(owner(gpus=0))["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in values(owner(gpus=1))
@@ -172,7 +178,11 @@ def test_pod_template_contract() -> None:
     assert volumes[c.SHM_VOLUME]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     assert volumes[c.CACHE_VOLUME] == {"name": c.CACHE_VOLUME, "emptyDir": {}}
     mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
-    assert mounts == {"/dev/shm": c.SHM_VOLUME, c.HF_HOME: c.CACHE_VOLUME}
+    assert mounts == {"/dev/shm": c.SHM_VOLUME, c.HF_HOME: c.CACHE_VOLUME, "/tmp": c.TMP_VOLUME,
+                      c.RUNTIME_HOME: c.HOME_VOLUME}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert volumes[c.TMP_VOLUME]["emptyDir"] == {} and volumes[c.HOME_VOLUME]["emptyDir"] == {}
+    assert values(obj)["HOME"] == c.RUNTIME_HOME
     assert dep["spec"]["replicas"] == 3
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
                                        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}

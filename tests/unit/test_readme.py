@@ -65,6 +65,7 @@ def table_rows() -> list[dict]:
                       if "fixed:" in cells[2] else None),
             "field": field.group(1) if field and not cells[2].startswith("(") else None,
             "by_hand": cells[2].startswith("(by hand"),
+            "overridable": cells[2].startswith("set by the operator unless `env`"),
             "line": line,
         })
     return rows
@@ -108,6 +109,13 @@ def test_each_rows_field_sets_its_variables(row):
     elif row["by_hand"]:
         env = env_of(owner(apiKeySecretRef={"name": "k", "key": "k"}))
         assert not set(row["vars"]) & set(env), f"the operator sets {row['vars']}: not by hand only"
+    elif row["overridable"]:  # the operator's value, unless spec.env names the variable
+        for var in row["vars"]:
+            assert env_of(owner(gpus=0))[var]["value"], row["line"]
+            names = [e["name"] for e in manifests.container_env(Endpoint.from_body(
+                owner(gpus=0, env=[{"name": var, "value": "42"}])))]
+            assert env_of(owner(gpus=0, env=[{"name": var, "value": "42"}]))[var]["value"] == "42"
+            assert names.count(var) == 1
     elif field == "env":  # anything through spec.env reaches the runtime as is
         for var in row["vars"]:
             env = env_of(owner(env=[{"name": var, "value": "42"}]))
