@@ -276,3 +276,49 @@ def test_a_lora_adapter_is_routed_by_its_name_and_listed_with_its_parent(cluster
     assert text
     with pytest.raises(NotFoundError):
         c.chat.completions.create(model=f"{adapter}-typo", messages=MSG, max_tokens=2)
+
+
+def test_two_workers_discover_route_wake_and_stop_cleanly(control_plane, kubectl, mep_crds, operator, gateway_node,
+                                                          gateway_logs, ns, runtime_server):
+    gw_rt = runtime_server
+    kubeconfig = gateway_identity(control_plane, kubectl, gateway_logs, "gateway-workers")
+    gw = GatewayProcess({**control_plane.env(), "KUBECONFIG": str(kubeconfig)}, gateway_logs / "gateway-workers.log",
+                        pod_name="gw-wk-0", workers=2)
+    endpoint(kubectl, ns, "sleepy", gw_rt.model,
+             autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": 0})
+    wait_for(lambda: (kubectl.get("deployment", "sleepy", ns) or {}).get("spec", {}).get("replicas") == 0,
+             timeout=60, what="the autoscaler to take sleepy to zero")
+    gw.start()
+    try:
+        wait_for(lambda: gw_rt.model in listed(gw), timeout=10, what="the sleeping model listed")
+        results: list[int] = []
+
+        def ask() -> None:
+            r = httpx.post(gw.base_url + "/chat/completions", headers={**gw_rt.headers, "connection": "close"},
+                           json={"model": gw_rt.model, "messages": MSG, "max_tokens": 2}, timeout=120)
+            results.append(r.status_code)
+
+        # As many as the shared runtime admits (MAX_CONCURRENT_REQUESTS=3): more would get its 503 at capacity,
+        # passed on since there is no other replica. New connections: the kernel spreads them over the workers.
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for t in threads:
+            t.start()
+
+        def keys() -> set[str]:
+            ann = (kubectl.get("mep", "sleepy", ns) or {}).get("metadata", {}).get("annotations", {})
+            return {k for k in ann if k.startswith("held.gateway.serving.modelendpoint.dev/gw-wk-0")}
+
+        assert wait_for(keys, timeout=10, what="the workers' held annotations") <= {
+            "held.gateway.serving.modelendpoint.dev/gw-wk-0-w0", "held.gateway.serving.modelendpoint.dev/gw-wk-0-w1"}
+        wait_for(lambda: (kubectl.get("deployment", "sleepy", ns) or {}).get("spec", {}).get("replicas") == 1,
+                 timeout=10, what="the operator to scale sleepy up")
+        runtime_pod(kubectl, ns, "sleepy-0", "sleepy", gw_rt.port)
+        for t in threads:
+            t.join(120)
+        assert results == [200] * 3
+        wait_for(lambda: not keys(), timeout=15, what="the held annotations removed")
+        text = gw.metrics()
+        assert {line.split('worker="')[1][0] for line in text.splitlines()
+                if line.startswith("modelendpoint_gateway_models{")} == {"0", "1"}
+    finally:
+        assert gw.stop() == 0
