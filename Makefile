@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: help setup testbed images embedded-model node-deps cluster cluster-down dev dev-down \
-        lint test test-unit test-integration test-e2e bench-runtime bench-gateway bench-operator crds lock
+        lint test test-unit test-integration test-e2e bench-runtime bench-gateway bench-autoscale bench-operator conformance crds lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -64,8 +64,14 @@ bench-runtime: setup embedded-model ## this runtime against vLLM's own OpenAI se
 bench-gateway: setup testbed ## the gateway against direct and vllm-router at 64, 256 and 1,024 streams
 	@$(PY) hack/bench_gateway.py
 
+bench-autoscale: setup testbed embedded-model ## one autoscaled ModelEndpoint through the gateway: idle, wake, ramp, plateau, stop
+	@$(PY) hack/bench_autoscale.py
+
 bench-operator: setup testbed ## 1,000 ModelEndpoints on the local control plane
 	@$(PY) hack/bench_operator.py
+
+conformance: setup embedded-model node-deps ## rerun the conformance set and rewrite docs/conformance.md from its outcomes
+	@$(PY) -m pytest -m conformance --conformance-write $(PYTEST_ARGS)
 
 crds: setup ## regenerate crds/modelendpoints.yaml and docs/operator.md's field table from the typed models
 	@$(PY) -m modelendpoint_operator.crd crds/modelendpoints.yaml docs/operator.md

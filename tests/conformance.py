@@ -40,7 +40,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MATRIX = REPO / "docs" / "conformance.md"
-# Every test module with conformance rows (tests/unit/test_runtime_conformance.py checks this list).
+# Every test module with conformance rows (tests/unit/test_runtime_api_routes.py checks this list).
 MODULES = (
     "tests/integration/test_runtime_guide.py",
     "tests/integration/test_runtime_params.py",

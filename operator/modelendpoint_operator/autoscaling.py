@@ -13,7 +13,8 @@ seconds :mod:`.scaler` records one :class:`Sample` and asks :func:`decide`:
   before a whole window has been seen);
 - never below one replica while anything is in flight or held;
 - to zero only with minReplicas 0 and nothing in flight, held or served (a
-  finished-requests counter that moved) for ``scaleDownDelaySeconds``.
+  finished-requests counter that moved) for ``scaleDownDelaySeconds``, counted from
+  when the replicas asked for are ready (a replica still loading is not idle).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class Sample:
     at: float  # seconds on the scaler's monotonic clock
     load: float  # in flight on ready replicas plus held
     served: bool  # a request finished since the previous sample
+    # A replica asked for is not ready yet (loading its model): it could not have served,
+    # so the time is not idle; else a model slower to load than scaleDownDelaySeconds
+    # would go back to zero before its first replica ever served.
+    starting: bool = False
 
 
 @dataclass
@@ -110,7 +115,7 @@ class History:
 
     def add(self, sample: Sample, window: float) -> None:
         self.samples.append(sample)
-        if sample.load > 0 or sample.served:
+        if sample.load > 0 or sample.served or sample.starting:
             self.last_active = sample.at
         while self.samples and self.samples[0].at < sample.at - window:
             self.samples.popleft()

@@ -286,7 +286,8 @@ class Scaler:
         track.finished = seen
         total = a.total_load((x for x in loads if x is not None), held)
         track.load = total
-        track.history.add(a.Sample(now, total, served), float(spec.scale_down_delay_seconds))
+        track.history.add(a.Sample(now, total, served, starting=current > len(replicas)),
+                          float(spec.scale_down_delay_seconds))
         metrics.AUTOSCALER_LOAD.labels(*ep.key).set(total)
         metrics.AUTOSCALER_DESIRED.labels(*ep.key).set(track.desired)
         decision = a.decide(spec, track.desired, track.history, now)

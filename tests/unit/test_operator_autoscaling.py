@@ -78,6 +78,18 @@ def test_to_zero_only_after_nothing_was_served_for_the_delay() -> None:
     assert a.decide(spec(minReplicas=1), 1, quiet, now_of(quiet)).replicas == 1
 
 
+def test_a_replica_still_loading_is_not_idle_time() -> None:
+    """Created at one replica with minReplicas 0: the delay counts from when it is ready,
+    so a model slower to load than scaleDownDelaySeconds still gets to serve."""
+    h = a.History(since=-100)
+    for i in range(14):  # 70 s loading, beyond the 60 s delay
+        h.add(a.Sample(i * 5.0, 0, False, starting=True), 1e9)
+    assert a.decide(spec(minReplicas=0), 1, h, now_of(h)).replicas == 1
+    for i in range(14, 27):  # ready, then idle for 60 s
+        h.add(a.Sample(i * 5.0, 0, False), 1e9)
+    assert a.decide(spec(minReplicas=0), 1, h, now_of(h)).replicas == 0
+
+
 def test_a_noisy_signal_does_not_flap() -> None:
     """Load wobbling between one and two replicas' worth, with dips: up once, never back
     down while the window still holds a busy sample."""
