@@ -125,9 +125,11 @@ def test_operator_pod_spec_serves_the_embedded_model_and_drains_on_delete(runtim
     probe = cp.kubectl("exec", name, "--", "sh", "-c",
                        "ls /var/run/secrets/kubernetes.io 2>&1; touch /usr/x 2>&1; "
                        "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/1/status; "
-                       "stat -f -c %T /dev/shm; touch /var/cache/huggingface/.w && echo cache-writable")
+                       "stat -f -c %T /dev/shm; touch /var/cache/huggingface/.w && echo cache-writable; "
+                       "touch /tmp/.w $HOME/.w && echo scratch-writable")
     assert "No such file or directory" in probe  # no service-account token
-    assert "Permission denied" in probe  # nothing outside its volumes and home is writable
+    assert "Read-only file system" in probe  # the root filesystem is read-only: only the volumes are writable
+    assert "scratch-writable" in probe  # /tmp and the home are emptyDirs
     assert "CapEff:\t0000000000000000" in probe and "NoNewPrivs:\t1" in probe and "Seccomp:\t2" in probe
     assert "tmpfs" in probe and "cache-writable" in probe
 
