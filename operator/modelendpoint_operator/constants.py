@@ -75,7 +75,6 @@ RUNTIME_GID = 10001
 
 ANNOTATION_PREFIX = GROUP
 
-
 # Runtime variables the operator always sets from the ModelEndpoint's own fields: the
 # CRD refuses them in spec.env (a user value would break routing, auth or the probes).
 OPERATOR_SET_VARIABLES: tuple[str, ...] = (
