@@ -113,7 +113,7 @@ class Ctx:
     """What one request's log line and metrics need, filled in along the way."""
 
     __slots__ = ("model", "metrics", "replica", "attempts", "held_s", "first_byte_at", "stream", "error_code",
-                 "hold_deadline", "sse_early", "route", "adapter")
+                 "hold_deadline", "sse_early", "route", "adapter", "dialect")
 
     def __init__(self) -> None:
         self.model: str | None = None
@@ -128,6 +128,7 @@ class Ctx:
         self.sse_early = False  # a held stream whose SSE headers went out before any replica answered
         self.route = ""
         self.adapter: str | None = None  # the LoRA adapter asked for (the body's model), if it is one
+        self.dialect = errors.OPENAI  # the shape of the errors we answer: Anthropic's on the Messages routes
 
 
 class Gateway:
@@ -160,6 +161,7 @@ class Gateway:
             if kind == "ready":
                 return self._ready(req, resp)
             ctx.route = req.path
+            ctx.dialect = errors.dialect_of(req.path)
             if kind == "unknown":
                 raise errors.unknown_url(req.method, req.path)
             if not self.synced:
@@ -189,10 +191,10 @@ class Gateway:
             return
         if resp.started:
             # A held stream already has its SSE headers: the error is the stream's last event.
-            resp.write(err.sse_event())
+            resp.write(err.sse_event(ctx.dialect))
             resp.end()
         else:
-            resp.send(err.status, error_headers(err), err.body_bytes())
+            resp.send(err.status, error_headers(err), err.body_bytes(ctx.dialect))
 
     def _done(self, req: Request, resp: Responder, ctx: Ctx) -> None:
         now = time.perf_counter()
@@ -508,7 +510,7 @@ class Gateway:
         if skipped is not None:
             status, headers, data = skipped
             if resp.started:
-                resp.write(errors.upstream_error_as_event(status, data))
+                resp.write(errors.upstream_error_as_event(status, data, ctx.dialect))
                 resp.end()
             else:
                 resp.send(status, headers, data)
@@ -615,7 +617,7 @@ class Gateway:
             # runtime ends its own failed streams; anything else is cut, so the client sees it broken.
             ctype = next((v for k, v in ex.headers if k == b"content-type"), b"")
             if b"text/event-stream" in ctype and not resp.client_gone:
-                resp.write(errors.upstream_broken().sse_event())
+                resp.write(errors.upstream_broken().sse_event(ctx.dialect))
                 resp.end()
             else:
                 resp.abort()
@@ -633,13 +635,13 @@ class Gateway:
                 await ex.done
                 ctx.first_byte_at = time.perf_counter()
                 ctx.error_code = "upstream_error"
-                resp.write(errors.upstream_error_as_event(ex.status, ex.buffered()))
+                resp.write(errors.upstream_error_as_event(ex.status, ex.buffered(), ctx.dialect))
                 resp.end()
                 return True
             await ex.done
         except UpstreamError:
             if not resp.client_gone:
-                resp.write(errors.upstream_broken().sse_event())
+                resp.write(errors.upstream_broken().sse_event(ctx.dialect))
                 resp.end()
             ctx.error_code = "upstream_broken"
             return False
@@ -649,10 +651,11 @@ class Gateway:
     def protocol_error(self, req: Request | None, resp: Responder | None, status: int, detail: str) -> bytes:
         """Bodies of the errors the HTTP layer answers itself (unparsable or oversized requests, a crash)."""
         metrics.for_model(metrics.UNROUTED).request(status)
+        dialect = errors.dialect_of(req.path) if req is not None and req.path else errors.OPENAI
         if status == 431:
-            return errors.headers_too_large(self.settings.max_header_bytes).body_bytes()
+            return errors.headers_too_large(self.settings.max_header_bytes).body_bytes(dialect)
         if status == 413:
-            return errors.body_too_large(self.settings.max_body_bytes).body_bytes()
+            return errors.body_too_large(self.settings.max_body_bytes).body_bytes(dialect)
         if status == 500:
-            return errors.internal_error().body_bytes()
-        return errors.bad_request(detail).body_bytes()
+            return errors.internal_error().body_bytes(dialect)
+        return errors.bad_request(detail).body_bytes(dialect)

@@ -1,10 +1,14 @@
-"""Every error the gateway itself answers, in OpenAI's shape.
+"""Every error the gateway itself answers, in the shape of the route's API.
 
-``{"error": {"message", "type", "param", "code"}}``, ``code`` a string, as the
-runtime answers (runtime/modelendpoint_runtime/errors.py): a client cannot
-tell a gateway error from a runtime error by its shape, only by its code.
-Errors of a replica are passed through unchanged and never built here. Pure
-functions only.
+OpenAI's ``{"error": {"message", "type", "param", "code"}}``, ``code`` a
+string, as the runtime answers (runtime/modelendpoint_runtime/errors.py): a
+client cannot tell a gateway error from a runtime error by its shape, only by
+its code. On Anthropic's Messages routes (``.../messages``,
+``.../messages/count_tokens``) the same errors take Anthropic's shape,
+``{"type": "error", "error": {"type", "message"}}``, the type chosen by status
+exactly as the runtime chooses it (a unit test holds the two tables equal, as
+the gateway cannot import the runtime). Errors of a replica are passed
+through unchanged and never built here. Pure functions only.
 """
 
 from __future__ import annotations
@@ -15,6 +19,31 @@ from typing import Any
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+# The runtime's Anthropic routes (runtime/modelendpoint_runtime/apis.py, dialect ANTHROPIC).
+ANTHROPIC_SUFFIXES = ("/messages", "/messages/count_tokens")
+
+# Anthropic's error type by status (https://docs.anthropic.com/en/api/errors); the anthropic
+# SDK picks its exception class by status, so the statuses stay ours.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+# 503s that mean "busy, retry": Anthropic's overloaded_error (the SDK retries those).
+ANTHROPIC_OVERLOADED = frozenset({"overloaded", "too_many_connections", "shutting_down", "model_loading",
+                                  "model_not_ready", "gateway_not_ready"})
+
+
+def dialect_of(path: str) -> str:
+    """The error dialect of a request path: ``anthropic`` on the Messages routes, else ``openai``."""
+    return ANTHROPIC if path.rstrip("/").endswith(ANTHROPIC_SUFFIXES) else OPENAI
 
 
 @dataclass(frozen=True)
@@ -28,14 +57,25 @@ class GatewayError(Exception):
     code: str | None = None
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
-    def body(self) -> dict[str, Any]:
+    def anthropic_type(self) -> str:
+        if self.status in ANTHROPIC_TYPES:
+            return ANTHROPIC_TYPES[self.status]
+        if self.status == 503 and self.code in ANTHROPIC_OVERLOADED:
+            return "overloaded_error"
+        return "invalid_request_error" if self.status < 500 else "api_error"
+
+    def body(self, dialect: str = OPENAI) -> dict[str, Any]:
+        if dialect == ANTHROPIC:
+            return {"type": "error", "error": {"type": self.anthropic_type(), "message": self.message}}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def body_bytes(self) -> bytes:
-        return json.dumps(self.body(), separators=(",", ":")).encode()
+    def body_bytes(self, dialect: str = OPENAI) -> bytes:
+        return json.dumps(self.body(dialect), separators=(",", ":")).encode()
 
-    def sse_event(self) -> bytes:
-        """The runtime's mid-stream error: an ``error`` data frame, then ``[DONE]``."""
+    def sse_event(self, dialect: str = OPENAI) -> bytes:
+        """The runtime's mid-stream error: OpenAI's error frame then ``[DONE]``; Anthropic's ``error`` event."""
+        if dialect == ANTHROPIC:
+            return b"event: error\ndata: " + self.body_bytes(dialect) + b"\n\n"
         return b"data: " + self.body_bytes() + b"\n\ndata: [DONE]\n\n"
 
 
@@ -163,17 +203,22 @@ def internal_error() -> GatewayError:
                         SERVER_ERROR, None, "internal_error")
 
 
-def upstream_error_as_event(status: int, body: bytes) -> bytes:
+def upstream_error_as_event(status: int, body: bytes, dialect: str = OPENAI) -> bytes:
     """A replica's error answer as a mid-stream SSE error (for a held stream whose headers were sent).
 
-    A replica's OpenAI-shaped error body passes through unchanged inside the
-    ``data:`` frame; anything else is wrapped in our shape with its status.
+    A replica's error body (OpenAI's or Anthropic's shape: both carry an
+    ``error`` object) passes through unchanged inside the dialect's error
+    frame; anything else is wrapped in our shape with its status.
     """
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return b"data: " + json.dumps(parsed, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
+        data = json.dumps(parsed, separators=(",", ":")).encode()
+        if dialect == ANTHROPIC:
+            return b"event: error\ndata: " + data + b"\n\n"
+        return b"data: " + data + b"\n\ndata: [DONE]\n\n"
     return GatewayError(status if status >= 400 else 502, f"The model's replica answered HTTP {status}.",
-                        SERVER_ERROR if status >= 500 else INVALID_REQUEST, None, "upstream_error").sse_event()
+                        SERVER_ERROR if status >= 500 else INVALID_REQUEST, None,
+                        "upstream_error").sse_event(dialect)

@@ -648,3 +648,25 @@ def test_metrics_per_model(cluster, replicas, started):
     assert metric_value(text, "modelendpoint_gateway_requests_in_flight", model="m-metrics") == 0
     assert metric_value(text, "modelendpoint_gateway_ready_replicas", model="m-metrics") == 1
     assert "nope" not in text
+
+
+def test_messages_route_errors_are_anthropic_shaped_for_the_anthropic_sdk(cluster, replicas, started):
+    import anthropic
+
+    a = replica(replicas, "a")
+    cluster.set_secret("ns", "keys", {"k": KEY})
+    serve(cluster, "ns", "keyed", "m", a, apiKeySecretRef={"name": "keys", "key": "k"})
+    gw = started()
+    msg = {"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    client = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="no-such-model", **msg)
+    assert missing.value.body == {"type": "error", "error": {"type": "not_found_error",
+                                                             "message": missing.value.body["error"]["message"]}}
+    assert "no-such-model" in missing.value.body["error"]["message"]
+    with pytest.raises(anthropic.AuthenticationError) as denied:
+        anthropic.Anthropic(base_url=gw.url, api_key="sk-wrong", max_retries=0).messages.create(model="m", **msg)
+    assert denied.value.body["error"]["type"] == "authentication_error"
+    assert a.requests == []
+    with httpx.Client(base_url=gw.url, timeout=10) as h:  # the OpenAI routes keep OpenAI's shape
+        assert h.post("/v1/chat/completions", json=chat("no-such-model")).json()["error"]["code"] == "model_not_found"
