@@ -73,10 +73,14 @@ class GatewayError(Exception):
         return json.dumps(self.body(dialect), separators=(",", ":")).encode()
 
     def sse_event(self, dialect: str = OPENAI) -> bytes:
-        """The runtime's mid-stream error: OpenAI's error frame then ``[DONE]``; Anthropic's ``error`` event."""
-        if dialect == ANTHROPIC:
-            return b"event: error\ndata: " + self.body_bytes(dialect) + b"\n\n"
-        return b"data: " + self.body_bytes() + b"\n\ndata: [DONE]\n\n"
+        return _sse_error_frame(self.body_bytes(dialect), dialect)
+
+
+def _sse_error_frame(data: bytes, dialect: str) -> bytes:
+    """The runtime's mid-stream error: OpenAI's error frame then ``[DONE]``; Anthropic's ``error`` event."""
+    if dialect == ANTHROPIC:
+        return b"event: error\ndata: " + data + b"\n\n"
+    return b"data: " + data + b"\n\ndata: [DONE]\n\n"
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -215,10 +219,7 @@ def upstream_error_as_event(status: int, body: bytes, dialect: str = OPENAI) -> 
     except (ValueError, UnicodeDecodeError):
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        data = json.dumps(parsed, separators=(",", ":")).encode()
-        if dialect == ANTHROPIC:
-            return b"event: error\ndata: " + data + b"\n\n"
-        return b"data: " + data + b"\n\ndata: [DONE]\n\n"
+        return _sse_error_frame(json.dumps(parsed, separators=(",", ":")).encode(), dialect)
     return GatewayError(status if status >= 400 else 502, f"The model's replica answered HTTP {status}.",
                         SERVER_ERROR if status >= 500 else INVALID_REQUEST, None,
                         "upstream_error").sse_event(dialect)
