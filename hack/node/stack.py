@@ -41,6 +41,11 @@ class Stack:
             self.cp.stop()
 
 
+def model_cache_dir() -> Path:
+    """The node's model-cache folder: the hostPath of the local-model-cache volume."""
+    return localcluster.default_cache_dir() / "node" / "model-cache"
+
+
 def start(state_dir: Path, *, hf_home: Path, bin_dir: Path | None = None, outlive_starter: bool = False,
           model_namespace: str = "default", step=lambda message: None) -> Stack:
     from images import build as images
@@ -57,7 +62,7 @@ def start(state_dir: Path, *, hf_home: Path, bin_dir: Path | None = None, outliv
         step("building and loading the images (cached by content; cold: about 10 minutes)")
         names = images.ensure_project_images(node)
         step(f"images ready in {time.monotonic() - started:.0f}s")
-        cache = models.prepare(hf_home, localcluster.default_cache_dir() / "node" / "model-cache")
+        cache = models.prepare(hf_home, model_cache_dir())
         cp.kubectl("create", "namespace", model_namespace, check=False)
         for obj in models.volume_manifests(cache, model_namespace):
             cp.kubectl("apply", "-f", "-", input=json.dumps(obj))
