@@ -19,7 +19,7 @@ import jsonschema
 import openai
 import pytest
 
-from conformance import HTTP, JS, NA, NO, PY, YES, Row
+from conformance import BOTH, HTTP, JS, NA, NO, PY, YES, Row
 from fixtures_runtime import run_node
 
 WEATHER_SCHEMA = {
@@ -106,7 +106,7 @@ def test_required_tool_choice_streams_a_valid_call(openai_client, runtime_server
 @pytest.mark.conformance(
     Row(CHAT, "tools; tool_choice: required", PY, NO),
     Row(CHAT, "tool round trip: call, tool message, answer", PY, NO),
-    Row(CHAT, "tools; tool_choice: auto (hermes parser)", PY, NO),
+    Row(CHAT, "tools; tool_choice: auto, the model answers in text", PY, NO),
 )
 def test_required_call_then_tool_message_then_an_answer(openai_client, runtime_server):
     model = runtime_server.model
@@ -131,6 +131,39 @@ def test_required_call_then_tool_message_then_an_answer(openai_client, runtime_s
     assert message.content and not message.tool_calls
     # The template put the call and its result in the prompt: far longer than the question alone.
     assert answer.usage.prompt_tokens > r.usage.prompt_tokens + 20
+
+
+def _earlier_call(index: int, city: str) -> dict:
+    arguments = json.dumps({"city": city, "unit": "celsius"})
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call_{index}", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]}
+
+
+# Two earlier questions the assistant answered with a call: SmolLM2-135M writes the
+# <tool_call> format itself only after examples (asked once, it answers in prose).
+FEW_SHOT_CALLS = [
+    {"role": "user", "content": "What is the weather in London?"}, _earlier_call(0, "London"),
+    {"role": "user", "content": "What is the weather in Berlin?"}, _earlier_call(1, "Berlin"),
+    {"role": "user", "content": "What is the weather in Paris?"},
+]  # fmt: skip
+
+
+@pytest.mark.conformance(Row(CHAT, "tools; tool_choice: auto, the model calls a tool (hermes parser)", PY, BOTH))
+def test_auto_tool_choice_turns_the_models_own_call_into_tool_calls(openai_client, runtime_server):
+    """Under ``auto`` nothing constrains the output: the model writes <tool_call>...</tool_call>
+    as text and the hermes parser turns it into ``tool_calls``, whole and as streamed deltas."""
+    request = {"model": runtime_server.model, "messages": FEW_SHOT_CALLS, "tools": [WEATHER], "tool_choice": "auto",
+               "max_tokens": 60, "temperature": 0}  # fmt: skip
+    r = openai_client.chat.completions.create(**request)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and not message.content
+    (call,) = message.tool_calls
+    assert assert_weather_call(call.function.name, call.function.arguments)["city"] == "Paris"
+
+    name, arguments, finish, calls = streamed_call(openai_client.chat.completions.create(**request, stream=True))
+    assert calls == 1 and finish == "tool_calls"
+    assert json.loads(arguments) == json.loads(call.function.arguments)
+    assert_weather_call(name, arguments)
 
 
 @pytest.mark.conformance(
