@@ -330,7 +330,7 @@ def run(stack: dev.LocalStack, record: Record) -> dict:
         assert len(woken) == 1, f"expected one woken pod, saw {woken}"
         woken_pod = woken[0]
 
-        record.mark("ramp")
+        ramp_at = record.mark("ramp")
         step_at = None
         for n in range(1, RAMP_TO + 1):
             load.set(n)
@@ -340,8 +340,10 @@ def run(stack: dev.LocalStack, record: Record) -> dict:
         record.mark(f"plateau at {RAMP_TO} streams")
 
         def new_replica_served_a_while() -> bool:
+            # Requests since the ramp only: the first request went to the replica that has gone.
             with record.lock:
-                firsts = [r.start for r in record.requests if r.replica and not r.replica.endswith("/" + woken_pod)]
+                firsts = [r.start for r in record.requests
+                          if r.start >= ramp_at and r.replica and not r.replica.endswith("/" + woken_pod)]
             return bool(firsts) and time.monotonic() - min(firsts) >= PLATEAU_AFTER_NEW_S
 
         wait_for("the new replica to serve", new_replica_served_a_while, PLATEAU_MAX_S, stack.check_alive)
@@ -453,8 +455,8 @@ autoscaler can shorten. What the system adds on top is the rest of the wake.
 | {r['ttft_two_p50_ms']:.0f} / {r['ttft_two_p99_ms']:.0f} ms | | |
 | Load stops -> one replica | {r['stop_to_one_s']:.1f} s | after {delay} s | \
 {benchdoc.met(r['stop_to_one_s'] >= delay)} |
-| Load stops -> zero replicas | {r['stop_to_zero_s']:.1f} s | after {delay} s more | \
-{benchdoc.met(r['stop_to_zero_s'] - r['stop_to_one_s'] >= delay - 5)} |
+| Load stops -> zero replicas (nothing served for the delay) | {r['stop_to_zero_s']:.1f} s | after {delay} s | \
+{benchdoc.met(r['stop_to_zero_s'] >= delay)} |
 
 ![load, replicas and time to first token over the run](autoscale.png)
 
