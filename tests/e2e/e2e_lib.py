@@ -58,6 +58,10 @@ SMALL = {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "6Gi
 # about 380 MB), instead of the sample's 1 GiB: four engines at once must fit beside the rest.
 KV_CACHE = ["--kv-cache-memory-bytes", str(256 * 2**20)]
 # targetRequests 4: a wake by four held requests asks for one replica, six in flight for two.
+# The keyed model's drain: a replica the autoscaler removes finishes its streams first. On two
+# cores shared by four engines (one of them loading) a 48-token stream has taken 75 s, more than
+# the default 30 s drain; the drain ends as soon as nothing is in flight.
+KEYED_DRAIN_S = 300
 AUTOSCALING = {"minReplicas": 1, "maxReplicas": 2, "targetRequests": 4, "scaleDownDelaySeconds": 20}
 
 
@@ -87,7 +91,8 @@ def keyed_endpoint() -> dict:
     sample = yaml.safe_load(dev.SAMPLE.read_text())["spec"]
     spec = _small({k: sample[k] for k in ("model", "gpus", "engine", "modelCache", "env", "shmSize")})
     spec.update(servedModelName=KEYED_SERVED, responseRole=KEYED_ROLE,
-                apiKeySecretRef={"name": KEYED_SECRET, "key": "keys"}, autoscaling=dict(AUTOSCALING))
+                apiKeySecretRef={"name": KEYED_SECRET, "key": "keys"}, autoscaling=dict(AUTOSCALING),
+                drainTimeoutSeconds=KEYED_DRAIN_S)
     return {"apiVersion": "serving.modelendpoint.dev/v1alpha1", "kind": "ModelEndpoint",
             "metadata": {"name": KEYED, "namespace": NS}, "spec": spec}
 

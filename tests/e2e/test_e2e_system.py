@@ -587,7 +587,7 @@ def test_two_replicas_serve_and_the_load_dropping_brings_one_back_after_the_dela
     assert took >= e2e.AUTOSCALING["scaleDownDelaySeconds"] - 5
     status = e2e.get(cp, "modelendpoint", KEYED)["status"]["autoscaling"]
     assert "scaled 2 -> 1" in status["message"]
-    wait_for(lambda: len(e2e.runtime_pods(cp, KEYED, ready_only=False)) == 1, timeout=90,
+    wait_for(lambda: len(e2e.runtime_pods(cp, KEYED, ready_only=False)) == 1, timeout=e2e.KEYED_DRAIN_S + 30,
              what="the removed replica to drain and go")
     assert not load.failures(), load.failures()[:3]
 

@@ -26,6 +26,7 @@ import pytest
 
 from conformance import ANTHROPIC, HTTP, JS, NA, NO, PY, Row
 from fixtures_runtime import run_node, start_runtime, stop_shared_runtime
+from waiting import wait_for
 
 pytestmark = pytest.mark.runtime_after_drain
 
@@ -202,11 +203,16 @@ def test_javascript_sdk_embeddings(pooling_server):
 
 
 def test_pooling_requests_are_logged_and_counted(http, pooling_server):
+    def logged() -> list[dict]:
+        return [json.loads(line) for line in pooling_server.log_text().splitlines()
+                if line.startswith("{") and '"msg":"request"' in line and '/embeddings"' in line]  # fmt: skip
+
+    before = len(logged())
     r = http.post(pooling_server.base_url + "/embeddings", json={"model": SERVED, "input": ["a b c", "d"]})
     tokens = r.json()["usage"]["prompt_tokens"]
-    lines = [json.loads(line) for line in pooling_server.log_text().splitlines()
-             if line.startswith("{") and '"msg":"request"' in line and '/embeddings"' in line]  # fmt: skip
-    entry = lines[-1]
+    # The line is written once the response has gone: it may follow the answer by a moment.
+    entry = wait_for(lambda: len(lines := logged()) > before and lines[-1], timeout=10, interval=0.1,
+                     what="the request's log line")
     assert entry["status"] == 200 and entry["model"] == SERVED and entry["prompt_tokens"] == tokens
     assert 'modelendpoint_prompt_tokens_total{route="/v2/{endpoint_id}/openai/v1/embeddings"}' in \
         pooling_server.metrics_text()
