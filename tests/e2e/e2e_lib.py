@@ -57,11 +57,11 @@ SMALL = {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "6Gi
 # The KV cache these tests need (eight sequences of a 2,048-token context of SmolLM2-135M take
 # about 380 MB), instead of the sample's 1 GiB: four engines at once must fit beside the rest.
 KV_CACHE = ["--kv-cache-memory-bytes", str(256 * 2**20)]
-# targetRequests 4: a wake by four held requests asks for one replica, six in flight for two.
 # The keyed model's drain: a replica the autoscaler removes finishes its streams first. On two
 # cores shared by four engines (one of them loading) a 48-token stream has taken 75 s, more than
 # the default 30 s drain; the drain ends as soon as nothing is in flight.
 KEYED_DRAIN_S = 300
+# targetRequests 4: a wake by four held requests asks for one replica, six in flight for two.
 AUTOSCALING = {"minReplicas": 1, "maxReplicas": 2, "targetRequests": 4, "scaleDownDelaySeconds": 20}
 
 
