@@ -10,11 +10,17 @@ by default, the order of the paths rotating between rounds):
   (hack/localcluster.py) that holds one ModelEndpoint and two ready runtime
   pods pointing at the two fake servers;
 - gateway-2w: the same with ``MEP_GATEWAY_WORKERS=2`` (a supervisor and two
-  worker processes on the port; ``--workers`` chooses the variants);
+  worker processes on the port; ``--workers`` chooses the variants; measured
+  only when the proxy has that many CPUs);
 - vllm-router: through ``vllm-router`` 0.1.17 from PyPI (installed with uv
   into its own venv under ~/.cache/modelendpoint/bench, never into .venv) in
   its default mode (a thread per core), the same two workers,
   ``--policy round_robin``.
+
+The proxy under test is pinned to the last CPU (``--proxy-cpus``) and
+everything else (load generators, fake servers, control plane) to the rest,
+the same for every path, so a proxy's work does not slow the clients that
+time it.
 
 The load generator (hack/bench/loadgen.py; two processes above 64 streams)
 keeps N keep-alive streams going for a warm-up and a measured window and
@@ -80,12 +86,19 @@ def log(msg: str) -> None:
 class Proc:
     """A child process with its log; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 cpus: set[int] | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
+
+        def preexec() -> None:
+            localcluster.die_with_starter()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         with open(self.log_path, "wb") as out:
             self.p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, start_new_session=True, preexec_fn=localcluster.die_with_starter)
+                                      env=env, start_new_session=True, preexec_fn=preexec)
 
     @property
     def pid(self) -> int:
@@ -348,7 +361,8 @@ def report(results: dict[tuple[str, int], dict], concurrencies: list[int], paths
              f"watching a local control plane (one ModelEndpoint, two ready pods on the fake servers' ports; "
              f"LeastRequests, access log on): `gateway` is its default, one process (one event loop, one CPU); "
              f"`gateway, N workers` sets `MEP_GATEWAY_WORKERS=N` (a supervisor and N worker processes sharing "
-             f"the port). vllm-router {ROUTER_VERSION} (PyPI) runs in its default mode (a thread per core) with "
+             f"the port), measured only when the proxy has that many CPUs. vllm-router {ROUTER_VERSION} (PyPI) "
+             f"runs in its default mode (a thread per core) with "
              f"`--policy round_robin` and the same two workers. Time to first byte: request written to the first "
              f"body byte at the client. Gap: time between two arrivals of stream data at the client. CPU: the "
              f"proxy's processes' user + system time over the window per 1,000 chunks delivered (SSE data "
@@ -415,9 +429,17 @@ def report(results: dict[tuple[str, int], dict], concurrencies: list[int], paths
     lines += ["", "![added time to first byte against concurrency](gateway-latency.png)", "",
               f"Machine: {meta['cpus']} CPUs, {meta['mem_gib']:.0f} GiB RAM, CPython {platform.python_version()}, "
               f"measured {meta['date']}; load average before the run {meta['load']}, after it {meta['load_after']}. "
-              f"The load generators, the two fake servers and the proxy share these cores (and other work shared "
-              f"the machine), so at the highest concurrency every path is CPU-bound and the latencies there mostly "
-              f"measure the machine; the CPU per chunk is the comparable figure.", ""]
+              + (f"The proxy under test (each gateway variant, vllm-router) is pinned to CPU "
+                 f"{', '.join(map(str, meta['proxy_cpus']))} and the load generators, fake servers and control "
+                 f"plane to CPU {', '.join(map(str, meta['load_cpus']))} (`--proxy-cpus`, sched_setaffinity), the "
+                 f"same for every path, so a proxy's work does not take time from the clients that measure it; "
+                 f"vllm-router's thread per core is then one thread, as the gateway is one process. Where the "
+                 f"load CPUs saturate (the highest concurrency, direct included), the latencies there measure "
+                 f"the machine; the CPU per chunk stays the comparable figure."
+                 if meta["proxy_cpus"] else
+                 "The load generators, the two fake servers and the proxy share these cores, so at the highest "
+                 "concurrency every path is CPU-bound and the latencies there mostly measure the machine; the CPU "
+                 "per chunk is the comparable figure."), ""]
     failed = [f"{label(gw)}: {name}" for gw in gateways for name, _, ok in per[gw] if not ok]
     return "\n".join(lines), failed
 
@@ -467,6 +489,19 @@ def plot(results: dict[tuple[str, int], dict], concurrencies: list[int], paths: 
 # --- main ------------------------------------------------------------------------------------------------
 
 
+def split_cpus(proxy_count: int) -> tuple[set[int], set[int]]:
+    """The CPUs for the proxy under test and the rest, for everything else.
+
+    Pinned apart, the proxy's work cannot steal time from the load generators
+    and fake servers (nor theirs from it), so what a path adds is the proxy's
+    own cost, the same for every path; direct runs its clients on the same
+    load CPUs. With one CPU there is nothing to split: both sets are all CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if proxy_count <= 0 or len(cpus) <= proxy_count:
+        return set(cpus), set(cpus)
+    return set(cpus[-proxy_count:]), set(cpus[:-proxy_count])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="64,256,1024")
@@ -476,10 +511,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=64)
     p.add_argument("--interval", type=float, default=0.02)
     p.add_argument("--workers", default="1,2", help="MEP_GATEWAY_WORKERS of each gateway variant measured")
+    p.add_argument("--proxy-cpus", type=int, default=1,
+                   help="CPUs the proxy under test is pinned to (the last ones); the load generators, fake "
+                        "servers and control plane get the rest; 0 pins nothing")
     p.add_argument("--no-write", action="store_true", help="print the table; leave docs/ alone")
     args = p.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    proxy_cpus, load_cpus = split_cpus(args.proxy_cpus)
+    pinned = proxy_cpus != load_cpus
     variants = [int(w) for w in args.workers.split(",")]
+    if pinned:
+        # More workers than the proxy's CPUs would measure time slicing, not the gateway.
+        skipped = [w for w in variants if w > len(proxy_cpus)]
+        variants = [w for w in variants if w <= len(proxy_cpus)]
+        if skipped:
+            log(f"skipping MEP_GATEWAY_WORKERS={','.join(map(str, skipped))}: more than the proxy's "
+                f"{len(proxy_cpus)} CPU(s)")
+        # Everything this process starts from here on inherits the load CPUs.
+        os.sched_setaffinity(0, load_cpus)
     gateways = {("gateway" if w == 1 else f"gateway-{w}w"): w for w in variants}
     paths = ["direct", *gateways, "vllm-router"]
     assert GATEWAY_BIN.exists(), f"{GATEWAY_BIN} is missing; run `make setup`"
@@ -510,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             env.update(KUBECONFIG=str(cp.kubeconfig), MEP_GATEWAY_BIND_ADDRESS="127.0.0.1",
                        MEP_GATEWAY_PORT=str(gw_port), MEP_GATEWAY_METRICS_PORT=str(gw_metrics),
                        MEP_GATEWAY_POD_NAME=f"bench-{name}", MEP_GATEWAY_WORKERS=str(count))
-            gateway = Proc(name, [str(GATEWAY_BIN)], work, env)
+            gateway = Proc(name, [str(GATEWAY_BIN)], work, env, cpus=proxy_cpus)
             procs.append(gateway)
             wait_http(f"http://127.0.0.1:{gw_metrics}/readyz", f"{name} to be ready", gateway)
             wait_http(f"http://127.0.0.1:{gw_port}/v1/models", f"{name} to route the model", gateway,
@@ -520,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         router = Proc("vllm-router", [str(router_exe), "--host", "127.0.0.1", "--port", str(router_port),
                                       "--policy", "round_robin", "--prometheus-port", str(router_metrics),
                                       "--worker-urls",
-                                      *[f"http://127.0.0.1:{p}" for p in backend_ports]], work)
+                                      *[f"http://127.0.0.1:{p}" for p in backend_ports]], work,
+                      cpus=proxy_cpus)
         procs.append(router)
         wait_http(f"http://127.0.0.1:{router_port}/health", "vllm-router", router)
         pids["vllm-router"] = router.pid
@@ -540,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       indent=1))
         extra = (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
         meta = {"argv": extra if extra.strip() else "", "cpus": os.cpu_count(),
+                "proxy_cpus": sorted(proxy_cpus) if pinned else None, "load_cpus": sorted(load_cpus),
                 "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
                 "date": datetime.date.today().isoformat(), "load": load,
                 "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
