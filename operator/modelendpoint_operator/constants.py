@@ -84,18 +84,23 @@ OPERATOR_SET_VARIABLES: tuple[str, ...] = (
     "ADAPTERS_FILE", "ENABLE_LORA",
 )
 # vLLM options the runtime refuses (it sets them itself, or they configure vLLM's own HTTP
-# server or launcher, which the runtime replaces): refused in engine.extraArgs by the CRD,
-# as the runtime refuses them in VLLM_EXTRA_ARGS. tests/unit/test_operator_crd.py checks
-# this list against the runtime's (derived from vLLM's classes).
+# server or launcher, which the runtime replaces), in every spelling vLLM's parser takes:
+# long, short (-asc) and negated (--no-...), and -h/--help, which would print the usage
+# and stop the engine. Refused in engine.extraArgs by the CRD, as the runtime refuses them
+# in VLLM_EXTRA_ARGS. tests/unit/test_operator_crd.py checks this list against vLLM's
+# parser (the option strings of the runtime's refused options).
 RUNTIME_OWNED_OPTIONS: tuple[str, ...] = (
-    "--host", "--port", "--api-key", "--served-model-name", "--model", "--config", "--response-role",
-    "--allow-credentials", "--allowed-headers", "--allowed-methods", "--allowed-origins",
-    "--api-server-count", "--data-parallel-supervisor-port", "--disable-access-log-for-endpoints",
-    "--disable-fastapi-docs", "--disable-uvicorn-access-log", "--dp-supervisor-probe-failure-threshold",
-    "--dp-supervisor-probe-interval-s", "--dp-supervisor-probe-timeout-s", "--enable-offline-docs",
-    "--enable-request-id-headers", "--enable-scale-out", "--enable-ssl-refresh",
-    "--enable-tokenizer-info-endpoint", "--grpc", "--grpc-port", "--h11-max-header-count",
-    "--h11-max-incomplete-event-size", "--headless", "--middleware", "--root-path", "--ssl-ca-certs",
-    "--ssl-cert-reqs", "--ssl-certfile", "--ssl-ciphers", "--ssl-keyfile", "--tokens-only", "--uds",
-    "--uvicorn-log-level",
+    "-h", "--help", "--host", "--port", "--api-key", "--served-model-name", "--model", "--config",
+    "--response-role", "--allow-credentials", "--no-allow-credentials", "--allowed-headers",
+    "--allowed-methods", "--allowed-origins", "--api-server-count", "-asc",
+    "--data-parallel-supervisor-port", "--disable-access-log-for-endpoints", "--disable-fastapi-docs",
+    "--no-disable-fastapi-docs", "--disable-uvicorn-access-log", "--no-disable-uvicorn-access-log",
+    "--dp-supervisor-probe-failure-threshold", "--dp-supervisor-probe-interval-s",
+    "--dp-supervisor-probe-timeout-s", "--enable-offline-docs", "--no-enable-offline-docs",
+    "--enable-request-id-headers", "--no-enable-request-id-headers", "--enable-scale-out",
+    "--no-enable-scale-out", "--enable-ssl-refresh", "--no-enable-ssl-refresh",
+    "--enable-tokenizer-info-endpoint", "--no-enable-tokenizer-info-endpoint", "--grpc", "--grpc-port",
+    "--h11-max-header-count", "--h11-max-incomplete-event-size", "--headless", "--middleware",
+    "--root-path", "--ssl-ca-certs", "--ssl-cert-reqs", "--ssl-certfile", "--ssl-ciphers", "--ssl-keyfile",
+    "--tokens-only", "--no-tokens-only", "--uds", "--uvicorn-log-level",
 )

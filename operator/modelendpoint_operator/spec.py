@@ -73,12 +73,13 @@ class ApiModel(BaseModel):
 
 # --- engine ---------------------------------------------------------------------------
 
-# An option the runtime owns, as vLLM's parser reads it: dashes or underscores, the
-# value separate or after "=" (abbreviations are refused by the runtime itself). A list
-# membership test rather than one long regex: the API server's CEL cost estimate for a
-# 39-way alternation over 128 items of 4 KiB exceeds its per-rule budget.
+# An option the runtime owns, as vLLM's parser reads it: any spelling in the list, with
+# dashes or underscores, the value separate or after "=" (abbreviations such as `-as` are
+# refused by the runtime itself). A list membership test rather than one long regex: the
+# API server's CEL cost estimate for a 39-way alternation over 128 items of 4 KiB exceeds
+# its per-rule budget.
 _OPTION_NAME = "(self.indexOf('=') < 0 ? self : self.substring(0, self.indexOf('='))).replace('_', '-')"
-OWNED_OPTION_RULE = "!(self.startsWith('--') && " + _OPTION_NAME + " in [" + ", ".join(
+OWNED_OPTION_RULE = "!(self.startsWith('-') && " + _OPTION_NAME + " in [" + ", ".join(
     f"'{o}'" for o in c.RUNTIME_OWNED_OPTIONS) + "])"
 
 ExtraArg = Annotated[str, Field(max_length=4096, json_schema_extra=k8s(**{"x-kubernetes-validations": [cel(

@@ -92,6 +92,10 @@ CASES = [
     ("extra-args-config", {"engine": {"extraArgs": ["--config", "f.yaml"]}}, "spec.engine.extraArgs[0]",
      "--config"),
     ("extra-args-host", {"engine": {"extraArgs": ["--host", "1.2.3.4"]}}, "spec.engine.extraArgs[0]", "--host"),
+    ("extra-args-short-form", {"engine": {"extraArgs": ["-asc", "2"]}}, "spec.engine.extraArgs[0]", "-asc"),
+    ("extra-args-negated", {"engine": {"extraArgs": ["--seed", "1", "--no-enable-request-id-headers"]}},
+     "spec.engine.extraArgs[2]", "--no-enable-request-id-headers"),
+    ("extra-args-help", {"engine": {"extraArgs": ["-h"]}}, "spec.engine.extraArgs[0]", "-h, an option"),
     # Issue 13, item 7: no anonymous public endpoints by accident.
     ("public-ingress-without-key", {"ingress": {"enabled": True}}, "spec.apiKeySecretRef",
      "allowUnauthenticated: true"),

@@ -163,8 +163,16 @@ def test_quantities_are_never_negative() -> None:
 
 
 def test_the_crd_refuses_every_option_the_runtime_refuses() -> None:
-    """One list in two packages (the operator must not import vLLM): kept equal here."""
-    from modelendpoint_runtime.engine import refused_options
+    """One list in two packages (the operator must not import vLLM): kept equal here, in
+    every spelling vLLM's parser takes (short, --no-, and the help that would end the engine)."""
+    import argparse
 
-    runtime = {"--" + dest.replace("_", "-") for dest in refused_options() if dest != "model_tag"}
-    assert set(c.RUNTIME_OWNED_OPTIONS) == runtime
+    from modelendpoint_runtime.engine import build_parser, refused_options
+
+    refused = refused_options()
+    spellings = {option for action in build_parser()._actions
+                 if action.dest in refused or isinstance(action, argparse._HelpAction)
+                 for option in action.option_strings}
+    assert {"-asc", "--no-enable-request-id-headers", "-h"} <= spellings
+    assert set(c.RUNTIME_OWNED_OPTIONS) == spellings
+    assert len(c.RUNTIME_OWNED_OPTIONS) == len(spellings)
