@@ -18,7 +18,7 @@ help: ## list the targets
 setup: ## install everything into .venv/ (pinned; cached; idempotent)
 	@hack/setup.sh
 
-testbed: ## build etcd, kube-*, kubectl, kwok and helm from Go modules into the cache
+testbed: ## build etcd, kube-*, kubectl, kwok, kwokctl and helm from Go modules into the cache
 	@hack/build-testbed.sh >/dev/null
 
 images: setup testbed ## build the operator and runtime images from their Dockerfiles with buildah (cached by content)

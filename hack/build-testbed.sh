@@ -3,7 +3,7 @@
 # cache folder outside the repository, once per machine:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
 #   (from k8s.io/kubernetes through the wrapper module in hack/testbed/kubernetes),
-#   kwok and helm (go install at pinned versions);
+#   kwok, kwokctl and helm (go install at pinned versions);
 #   the node's kubelet and kube-proxy (same module, same version) and, into a
 #   folder of their own keyed by their versions, containerd, runc and crictl
 #   (go install at pinned versions; runc needs cgo and libseccomp-dev, which
@@ -80,10 +80,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   mv "$tmp"/* "$bin/" && rmdir "$tmp"
 fi
 
-if [ ! -x "$bin/kwok" ]; then
-  step "building kwok ${KWOK_VERSION}"
-  GOBIN="$bin" go install -ldflags "$ldflags" "sigs.k8s.io/kwok/cmd/kwok@${KWOK_VERSION}"
-fi
+for c in kwok kwokctl; do  # kwokctl runs the control plane from these binaries (hack/localcluster.py)
+  if [ ! -x "$bin/$c" ]; then
+    step "building $c ${KWOK_VERSION}"
+    GOBIN="$bin" go install -ldflags "$ldflags" "sigs.k8s.io/kwok/cmd/$c@${KWOK_VERSION}"
+  fi
+done
 stages="$bin/../kwok-stages.yaml"
 if [ ! -s "$stages" ]; then
   # kwok ships its stage definitions (what it does to simulated nodes and pods)

@@ -1,10 +1,11 @@
 """A real Kubernetes control plane on loopback, for tests and `make cluster`.
 
-It runs the binaries that hack/build-testbed.sh builds from Go modules: etcd,
-kube-apiserver (TLS, RBAC, a service-account signer), kube-controller-manager,
-kube-scheduler, and kwok, which simulates GPU nodes that advertise
-``nvidia.com/gpu``. Every port is a free loopback port, so several clusters can
-run side by side (a developer's `make cluster` and CI's tests, say).
+kwokctl (its binary runtime) runs the binaries that hack/build-testbed.sh builds
+from Go modules: etcd, kube-apiserver (TLS, RBAC, a service-account signer),
+kube-controller-manager, kube-scheduler, and kwok, which simulates GPU nodes that
+advertise ``nvidia.com/gpu``. Every port is a free loopback port and every cluster
+has its own kwokctl work folder (KWOK_WORKDIR) in its state folder, so several
+clusters can run side by side (a developer's `make cluster` and CI's tests, say).
 
 Used two ways:
 - ``start()`` / ``ControlPlane.stop()``: the pytest session fixture.
@@ -21,20 +22,23 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from node import config as nodeconfig
@@ -51,6 +55,7 @@ GPU_NODES: tuple[tuple[str, int], ...] = (("kwok-gpu-0", 4), ("kwok-gpu-1", 8))
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 SERVICE_CIDR = nodeconfig.SERVICE_CIDR
+CLUSTER = "testbed"  # the kwokctl cluster's name, in a work folder of its own
 
 
 def default_cache_dir() -> Path:
@@ -82,153 +87,63 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-# --- certificates -----------------------------------------------------------
-
-
-def _key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert(
-    subject: x509.Name,
-    key: rsa.RSAPrivateKey,
-    issuer: x509.Name,
-    issuer_key: rsa.RSAPrivateKey,
-    *,
-    ca: bool = False,
-    sans: list[x509.GeneralName] | None = None,
-    client: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
-    else:
-        usage = x509.oid.ExtendedKeyUsageOID
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([usage.CLIENT_AUTH] if client else [usage.SERVER_AUTH]),
-            critical=False,
-        )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _name(cn: str, org: str | None = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-    if org:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-    return x509.Name(attrs)
-
-
-def write_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
-    """CA, API server serving cert, admin client cert and the service-account key pair.
-
-    ``extra_ips``: more addresses the API server's certificate is valid for (the
-    node address it binds when a real node runs beside it)."""
-    pki.mkdir(parents=True, exist_ok=True)
-    ca_key = _key()
-    ca_name = _name("modelendpoint-testbed-ca")
-    ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
-    srv_key = _key()
-    sans: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
-        x509.DNSName("localhost"),
-        x509.DNSName("kubernetes"),
-        x509.DNSName("kubernetes.default"),
-        x509.DNSName("kubernetes.default.svc"),
-        x509.DNSName("kubernetes.default.svc.cluster.local"),
-        *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
-    ]
-    srv = _cert(_name("kube-apiserver"), srv_key, ca_name, ca_key, sans=sans)
-    admin_key = _key()
-    admin = _cert(_name("testbed-admin", "system:masters"), admin_key, ca_name, ca_key, client=True)
-    sa_key = _key()
-    files = {
-        "ca.crt": ca.public_bytes(serialization.Encoding.PEM),
-        "ca.key": _pem_key(ca_key),
-        "apiserver.crt": srv.public_bytes(serialization.Encoding.PEM),
-        "apiserver.key": _pem_key(srv_key),
-        "admin.crt": admin.public_bytes(serialization.Encoding.PEM),
-        "admin.key": _pem_key(admin_key),
-        "sa.key": _pem_key(sa_key),
-        "sa.pub": sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
-    }
-    for name, data in files.items():
-        (pki / name).write_bytes(data)
-        (pki / name).chmod(0o600)
-
-
 def issue_client_cert(pki: Path, cn: str, org: str | None = None) -> tuple[bytes, bytes]:
-    """A client certificate from the test bed's CA (in ``pki``): (cert PEM, key PEM).
+    """A client certificate from the cluster's CA (kwokctl's, in ``pki``): (cert PEM, key PEM).
 
     The API server maps CN to the user name and O to a group: a kubelet is
     ``system:node:<node name>`` in ``system:nodes`` (the Node authorizer's rule).
     """
-    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    with warnings.catch_warnings():  # kwokctl's CA has serial number 0, which cryptography frowns on
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, rsa.RSAPrivateKey)
-    key = _key()
-    cert = _cert(_name(cn, org), key, ca.subject, ca_key, client=True)
-    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        name.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name(name)).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def kubeconfig_yaml(server: str, pki: Path) -> str:
+def kubeconfig_json(server: str, pki: Path) -> str:
+    """The admin's kubeconfig, self-contained (JSON is valid YAML, and needs no YAML library here)."""
     def b64(name: str) -> str:
         return base64.b64encode((pki / name).read_bytes()).decode()
 
-    # JSON is valid YAML, and needs no YAML library here.
-    return json.dumps(
-        {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "testbed",
-                    "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")},
-                }
-            ],
-            "users": [
-                {
-                    "name": "testbed-admin",
-                    "user": {
-                        "client-certificate-data": b64("admin.crt"),
-                        "client-key-data": b64("admin.key"),
-                    },
-                }
-            ],
-            "contexts": [
-                {"name": "testbed", "context": {"cluster": "testbed", "user": "testbed-admin"}}
-            ],
-            "current-context": "testbed",
-        },
-        indent=2,
-    )
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "testbed",
+        "clusters": [{"name": "testbed", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}],
+        "users": [{"name": "testbed-admin", "user": {"client-certificate-data": b64("admin.crt"),
+                                                     "client-key-data": b64("admin.key")}}],
+        "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": "testbed-admin"}}],
+    }, indent=2)
 
 
 # --- processes ----------------------------------------------------------------
+
+
+def _workdir(state_dir: Path) -> Path:
+    return state_dir / "kwok" / "clusters" / CLUSTER
+
+
+def _kwokctl(state_dir: Path, bin_dir: Path, *args: str, run: Callable[..., Any] = subprocess.run,
+             prefix: tuple[str, ...] = (), **kwargs) -> Any:
+    """Runs kwokctl on this state folder's cluster; never touches ~/.kwok or ~/.kube/config
+    (`delete` edits a kubeconfig: kwokctl's own, in the work folder it then removes)."""
+    kubeconfig = _workdir(state_dir) / "kubeconfig.yaml" if "delete" in args else ""
+    return run([*prefix, str(bin_dir / "kwokctl"), *args, f"--name={CLUSTER}", f"--kubeconfig={kubeconfig}"],
+               env={**os.environ, "KWOK_WORKDIR": str(state_dir / "kwok")}, stdin=subprocess.DEVNULL, **kwargs)
 
 
 @dataclass
@@ -239,14 +154,18 @@ class ControlPlane:
     bin_dir: Path
     server: str
     kubeconfig: Path
-    pids: dict[str, int] = field(default_factory=dict)
     outlive_starter: bool = False
     node_ip: str | None = None
-    _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+    _reaper: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The components' process ids (kwokctl's pid files), by component name."""
+        return {p.stem: int(p.read_text()) for p in (_workdir(self.state_dir) / "pids").glob("*.pid")}
 
     def env(self) -> dict[str, str]:
         """An environment whose kubectl and helm talk to this cluster."""
@@ -267,14 +186,14 @@ class ControlPlane:
         return proc.stdout
 
     def stop(self) -> None:
-        stop_pids(list(self.pids.values()))
-        for p in self._procs:
-            try:
-                p.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
-        self.pids.clear()
-        self._procs.clear()
+        pids = list(self.pids.values())
+        with open(self.log_dir / "kwokctl.log", "ab") as log:
+            _kwokctl(self.state_dir, self.bin_dir, "delete", "cluster", stdout=log, stderr=subprocess.STDOUT)
+        stop_pids(pids)  # kwokctl kills them (SIGKILL) but does not wait until they are gone
+        if self._reaper:
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
 
 
 def stop_pids(pids: list[int], timeout: float = 15.0) -> None:
@@ -304,10 +223,10 @@ def _alive(pid: int) -> bool:
     except ChildProcessError:
         pass
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        # A zombie (exited, not reaped: kwokctl's components are orphans) counts as gone.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
         return False
-    return True
 
 
 def die_with_starter() -> None:
@@ -319,17 +238,11 @@ def die_with_starter() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(cp: ControlPlane, name: str, argv: list[str]) -> None:
-    cp.log_dir.mkdir(parents=True, exist_ok=True)
-    log = open(cp.log_dir / f"{name}.log", "ab")
-    proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        preexec_fn=None if cp.outlive_starter else die_with_starter,
-    )
-    log.close()
-    cp.pids[name] = proc.pid
-    cp._procs.append(proc)
-    (cp.state_dir / "pids.json").write_text(json.dumps(cp.pids))
+# kwokctl starts its components in sessions of their own and exits, so they cannot
+# get die_with_starter; this process does, and deletes the cluster on that SIGTERM.
+_REAPER = """import signal, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(subprocess.run(sys.argv[1:]).returncode))
+signal.pause()"""
 
 
 def _wait(what: str, check, cp: ControlPlane, timeout: float = 120.0, logs: str = "") -> None:
@@ -355,13 +268,6 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return ""
-
-
-def _https_ok(url: str, pki: Path) -> bool:
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-    with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
-        return resp.status == 200
 
 
 def _http_ok(url: str) -> bool:
@@ -392,6 +298,91 @@ def gpu_node_manifest(name: str, gpus: int) -> dict:
     }
 
 
+def kwokctl_config(bin_dir: Path, workdir: Path, ports: list[int], node_ip: str | None = None) -> dict:
+    """kwokctl's configuration: our binaries and ports, and the flags we add to what it sets.
+
+    kwokctl already gives kube-apiserver TLS with its CA, Node,RBAC authorization,
+    the default admission plugins, --allow-privileged and service-account keys, and
+    kube-controller-manager the root CA file and the service-account key."""
+    pki = workdir / "pki"
+    api, etcd, etcd_peer, kwok, kcm, sched = ports
+
+    def patch(component: str, args: dict[str, str], override: tuple[str, ...] = ()) -> dict:
+        return {"name": component,
+                "extraArgs": [{"key": k, "value": v, "override": k in override} for k, v in args.items()]}
+
+    apiserver = {
+        # ExtendedResourceToleration: pods asking for an extended resource
+        # (nvidia.com/gpu) tolerate the taint of that name, so GPU pods land on the
+        # tainted GPU nodes without a toleration of their own, as on GKE and AKS.
+        # NodeRestriction: a kubelet may change only its own Node and its pods.
+        "enable-admission-plugins": "ExtendedResourceToleration,NodeRestriction",
+        "service-cluster-ip-range": SERVICE_CIDR,
+        "advertise-address": node_ip or "127.0.0.1",
+        # The endpoint reconciler refuses a loopback address; without a real node
+        # nothing needs the in-cluster `kubernetes` Service's endpoints.
+        "endpoint-reconciler-type": "none",
+    }
+    if node_ip:
+        apiserver |= {
+            # Reachable on node_ip (for pods, through the `kubernetes` Service) and on
+            # loopback, where kwokctl points the other components.
+            "bind-address": "0.0.0.0",
+            # The lease reconciler keeps the `kubernetes` Service's endpoint at
+            # node_ip, which kube-proxy sends pods' in-cluster API calls to.
+            "endpoint-reconciler-type": "lease",
+            # `kubectl logs`/`exec` go through the kubelet, which authenticates callers.
+            "kubelet-client-certificate": str(pki / "admin.crt"),
+            "kubelet-client-key": str(pki / "admin.key"),
+            "kubelet-preferred-address-types": "InternalIP",
+        }
+    key, value = KWOK_NODE_ANNOTATION
+    return {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokctlConfiguration",
+        "options": {
+            "runtime": "binary",
+            "bindAddress": "127.0.0.1",
+            "kubeApiserverPort": api, "etcdPort": etcd, "etcdPeerPort": etcd_peer,
+            "kwokControllerPort": kwok, "kubeControllerManagerPort": kcm, "kubeSchedulerPort": sched,
+            # Every binary kwokctl runs, so it never downloads one.
+            "etcdBinary": str(bin_dir / "etcd"),
+            "kubeApiserverBinary": str(bin_dir / "kube-apiserver"),
+            "kubeControllerManagerBinary": str(bin_dir / "kube-controller-manager"),
+            "kubeSchedulerBinary": str(bin_dir / "kube-scheduler"),
+            "kubectlBinary": str(bin_dir / "kubectl"),
+            "kwokControllerBinary": str(bin_dir / "kwok"),
+            # Pods reach the API server at the `kubernetes` Service's address.
+            "kubeApiserverCertSANs": [str(next(ipaddress.ip_network(SERVICE_CIDR).hosts())),
+                                      *([node_ip] if node_ip else [])],
+            # Node leases keep the simulated nodes Ready: without them the node
+            # controller marks them NotReady every ~40 s and their pods unready.
+            # Factor 1: kwokctl's default 5 stretches the leases and that grace period.
+            "nodeLeaseDurationSeconds": 40, "heartbeatFactor": 1,
+        },
+        "componentsPatches": [
+            patch("kube-apiserver", apiserver, override=("bind-address",)),
+            patch("kube-controller-manager", {
+                "cluster-signing-cert-file": str(pki / "ca.crt"),
+                "cluster-signing-key-file": str(pki / "ca.key"),
+                "service-cluster-ip-range": SERVICE_CIDR,
+                "use-service-account-credentials": "true",
+                "leader-elect": "false",
+            }),
+            patch("kube-scheduler", {"leader-elect": "false"}),
+            # A throwaway cluster: durability buys nothing, fsync costs seconds.
+            patch("etcd", {"unsafe-no-fsync": "true"}),
+            # Only the nodes with the annotation: not a real kubelet's node.
+            patch("kwok-controller", {
+                "manage-all-nodes": "false",
+                "manage-nodes-with-annotation-selector": f"{key}={value}",
+                "node-ip": "127.0.0.1",
+                "cidr": nodeconfig.KWOK_POD_CIDR,
+            }, override=("manage-all-nodes", "node-ip")),
+        ],
+    }
+
+
 def start(state_dir: Path, bin_dir: Path | None = None, *, outlive_starter: bool = False,
           node_ip: str | None = None) -> ControlPlane:
     """Start etcd, the API server, controller-manager, scheduler and kwok; wait until usable.
@@ -400,141 +391,52 @@ def start(state_dir: Path, bin_dir: Path | None = None, *, outlive_starter: bool
 
     ``node_ip``: for a cluster with a real node (hack/node), the node's address on
     this machine (``node.config.NODE_IP``, set up by hack/node/host-setup.sh). The
-    API server then binds it instead of loopback and advertises it, so pods reach
-    it through the ``kubernetes`` Service, and it authenticates to the kubelet."""
+    API server is then reachable there too and advertises it, so pods reach it
+    through the ``kubernetes`` Service, and it authenticates to the kubelet."""
     bin_dir = bin_dir or testbed_bin_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
+    work = _workdir(state_dir)
+    if work.exists():  # a cluster that a killed run left here
+        _kwokctl(state_dir, bin_dir, "delete", "cluster", capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    # `kwokctl delete` removes its work folder; the logs stay in the state folder,
+    # and pki (the CA hack/node signs the node's client certificates with) is there too.
+    (state_dir / "logs").mkdir(exist_ok=True)
+    work.mkdir(parents=True)
+    (work / "logs").symlink_to(state_dir / "logs")
     pki = state_dir / "pki"
-    write_pki(pki, (node_ip,) if node_ip else ())
-    names = ("etcd", "etcd_peer", "apiserver", "kcm", "sched", "kwok")
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    server = f"https://{node_ip or '127.0.0.1'}:{ports['apiserver']}"
-    kubeconfig = state_dir / "kubeconfig"
-    kubeconfig.write_text(kubeconfig_yaml(server, pki))
-    kubeconfig.chmod(0o600)
-    cp = ControlPlane(state_dir=state_dir, bin_dir=bin_dir, server=server, kubeconfig=kubeconfig,
-                      outlive_starter=outlive_starter, node_ip=node_ip)
+    if pki.is_dir() and not pki.is_symlink():
+        shutil.rmtree(pki)
+    pki.unlink(missing_ok=True)
+    pki.symlink_to(work / "pki")
+    ports = free_ports(6)
+    config = state_dir / "kwokctl.yaml"  # JSON is valid YAML, and needs no YAML library here
+    config.write_text(json.dumps(kwokctl_config(bin_dir, work, ports, node_ip), indent=2))
+    cp = ControlPlane(state_dir=state_dir, bin_dir=bin_dir, server=f"https://{node_ip or '127.0.0.1'}:{ports[0]}",
+                      kubeconfig=state_dir / "kubeconfig", outlive_starter=outlive_starter, node_ip=node_ip)
+    if not outlive_starter:
+        cp._reaper = _kwokctl(state_dir, bin_dir, "delete", "cluster", run=subprocess.Popen,
+                              prefix=(sys.executable, "-c", _REAPER), start_new_session=True,
+                              preexec_fn=die_with_starter)
     try:
-        _start_processes(cp, pki, ports)
+        with open(cp.log_dir / "kwokctl.log", "ab") as log:
+            stages = bin_dir.parent / "kwok-stages.yaml"  # what kwok does to its nodes and pods
+            created = _kwokctl(state_dir, bin_dir, f"--config={config}", f"--config={stages}",
+                               "create", "cluster", stdout=log, stderr=subprocess.STDOUT,
+                               preexec_fn=None if outlive_starter else die_with_starter)
+        if created.returncode != 0:
+            raise RuntimeError(f"kwokctl create cluster failed:\n{_tail(cp.log_dir / 'kwokctl.log')}")
+        cp.kubeconfig.write_text(kubeconfig_json(cp.server, pki))
+        cp.kubeconfig.chmod(0o600)
+        _wait_usable(cp)
     except BaseException:
         cp.stop()
         raise
     return cp
 
 
-def apiserver_args(*, etcd_url: str, port: int, state_dir: Path, pki: Path,
-                   node_ip: str | None = None) -> list[str]:
-    """kube-apiserver's flags (without the binary)."""
-    args = [
-        f"--etcd-servers={etcd_url}",
-        f"--secure-port={port}",
-        f"--cert-dir={state_dir / 'apiserver-certs'}",
-        f"--tls-cert-file={pki / 'apiserver.crt'}",
-        f"--tls-private-key-file={pki / 'apiserver.key'}",
-        f"--client-ca-file={pki / 'ca.crt'}",
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={pki / 'sa.pub'}",
-        f"--service-account-signing-key-file={pki / 'sa.key'}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        # Node: a kubelet (system:node:<name>) reads only what its own pods use.
-        "--authorization-mode=Node,RBAC",
-        # ExtendedResourceToleration: pods asking for an extended resource
-        # (nvidia.com/gpu) tolerate the taint of that name, so GPU pods land on the
-        # tainted GPU nodes without a toleration of their own, as on GKE and AKS.
-        # NodeRestriction: a kubelet may change only its own Node and its pods.
-        "--enable-admission-plugins=ExtendedResourceToleration,NodeRestriction",
-        "--allow-privileged=true",
-        "--profiling=false",
-        "--v=1",
-    ]
-    if node_ip:
-        args += [
-            f"--bind-address={node_ip}",
-            f"--advertise-address={node_ip}",
-            # The lease reconciler keeps the `kubernetes` Service's endpoint at
-            # node_ip, which kube-proxy sends pods' in-cluster API calls to.
-            "--endpoint-reconciler-type=lease",
-            # `kubectl logs`/`exec` go through the kubelet, which authenticates callers.
-            f"--kubelet-client-certificate={pki / 'admin.crt'}",
-            f"--kubelet-client-key={pki / 'admin.key'}",
-            "--kubelet-preferred-address-types=InternalIP",
-        ]
-    else:
-        args += [
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            # The endpoint reconciler refuses a loopback address; nothing here needs
-            # the in-cluster `kubernetes` Service's endpoints.
-            "--endpoint-reconciler-type=none",
-        ]
-    return args
-
-
-def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None:
-    b = cp.bin_dir
-    etcd_url = f"http://127.0.0.1:{ports['etcd']}"
-    peer_url = f"http://127.0.0.1:{ports['etcd_peer']}"
-    _spawn(cp, "etcd", [
-        str(b / "etcd"),
-        f"--data-dir={cp.state_dir / 'etcd'}",
-        f"--listen-client-urls={etcd_url}",
-        f"--advertise-client-urls={etcd_url}",
-        f"--listen-peer-urls={peer_url}",
-        f"--initial-advertise-peer-urls={peer_url}",
-        f"--initial-cluster=default={peer_url}",
-        "--unsafe-no-fsync",  # a throwaway cluster: durability buys nothing, fsync costs seconds
-        "--quota-backend-bytes=4294967296",
-        "--log-level=warn",
-    ])
-    _wait("etcd /health", lambda: _http_ok(f"{etcd_url}/health"), cp, 60, "etcd")
-
-    _spawn(cp, "kube-apiserver", [
-        str(b / "kube-apiserver"),
-        *apiserver_args(etcd_url=etcd_url, port=ports["apiserver"], state_dir=cp.state_dir, pki=pki,
-                        node_ip=cp.node_ip),
-    ])
-    _wait("kube-apiserver /readyz", lambda: _https_ok(f"{cp.server}/readyz", pki), cp, 180,
-          "kube-apiserver")
-
-    _spawn(cp, "kube-controller-manager", [
-        str(b / "kube-controller-manager"),
-        f"--kubeconfig={cp.kubeconfig}",
-        f"--authentication-kubeconfig={cp.kubeconfig}",
-        f"--authorization-kubeconfig={cp.kubeconfig}",
-        "--bind-address=127.0.0.1",
-        f"--secure-port={ports['kcm']}",
-        "--leader-elect=false",
-        f"--service-account-private-key-file={pki / 'sa.key'}",
-        f"--root-ca-file={pki / 'ca.crt'}",
-        f"--cluster-signing-cert-file={pki / 'ca.crt'}",
-        f"--cluster-signing-key-file={pki / 'ca.key'}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--use-service-account-credentials=true",
-        "--v=1",
-    ])
-    _spawn(cp, "kube-scheduler", [
-        str(b / "kube-scheduler"),
-        f"--kubeconfig={cp.kubeconfig}",
-        f"--authentication-kubeconfig={cp.kubeconfig}",
-        f"--authorization-kubeconfig={cp.kubeconfig}",
-        "--bind-address=127.0.0.1",
-        f"--secure-port={ports['sched']}",
-        "--leader-elect=false",
-        "--v=1",
-    ])
-    key, value = KWOK_NODE_ANNOTATION
-    _spawn(cp, "kwok", [
-        str(b / "kwok"),
-        f"--kubeconfig={cp.kubeconfig}",
-        f"--manage-nodes-with-annotation-selector={key}={value}",
-        f"--config={b.parent / 'kwok-stages.yaml'}",
-        # Node leases keep the simulated nodes Ready: without them the node
-        # controller marks them NotReady every ~50 s and their pods unready.
-        "--node-lease-duration-seconds=40",
-        f"--server-address=127.0.0.1:{ports['kwok']}",
-        f"--cidr={nodeconfig.KWOK_POD_CIDR}",
-        "--node-ip=127.0.0.1",
-    ])
+def _wait_usable(cp: ControlPlane) -> None:
+    _wait("kube-apiserver /readyz", lambda: cp.kubectl("get", "--raw", "/readyz") == "ok", cp, 180, "kube-apiserver")
     nodes = {"apiVersion": "v1", "kind": "List",
              "items": [gpu_node_manifest(n, g) for n, g in GPU_NODES]}
     cp.kubectl("apply", "-f", "-", input=json.dumps(nodes))
@@ -549,7 +451,7 @@ def _start_processes(cp: ControlPlane, pki: Path, ports: dict[str, int]) -> None
         }
         return all(name in ready for name, _ in GPU_NODES)
 
-    _wait("the kwok GPU nodes to be Ready", nodes_ready, cp, 120, "kwok")
+    _wait("the kwok GPU nodes to be Ready", nodes_ready, cp, 120, "kwok-controller")
     # Pods are admitted only once the namespace's default ServiceAccount exists.
     _wait("the default ServiceAccount",
           lambda: bool(cp.kubectl("get", "serviceaccount", "default", "-o", "name", check=False)),
@@ -565,19 +467,19 @@ def _cli_state_dir() -> Path:
 
 def cmd_up(_: argparse.Namespace) -> int:
     state = _cli_state_dir()
-    if (state / "pids.json").exists() and any(
-        _alive(p) for p in json.loads((state / "pids.json").read_text()).values()
-    ):
+    bin_dir = testbed_bin_dir()
+    apiserver_pid = _workdir(state) / "pids" / "kube-apiserver.pid"
+    if apiserver_pid.exists() and _alive(int(apiserver_pid.read_text())):
         print(f"a cluster is already running from {state}; `make cluster-down` stops it",
               file=sys.stderr)
     else:
         if state.exists():
+            _kwokctl(state, bin_dir, "delete", "cluster", capture_output=True)
             subprocess.run(["rm", "-rf", str(state)], check=True)
-        print("==> starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok",
+        print("==> kwokctl: starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok",
               file=sys.stderr)
-        cp = start(state, outlive_starter=True)
+        cp = start(state, bin_dir, outlive_starter=True)
         print(f"==> control plane at {cp.server}; logs in {cp.log_dir}", file=sys.stderr)
-    bin_dir = testbed_bin_dir()
     print(f"export KUBECONFIG={state / 'kubeconfig'}")
     print(f"export PATH={bin_dir}:$PATH")
     return 0
@@ -585,12 +487,10 @@ def cmd_up(_: argparse.Namespace) -> int:
 
 def cmd_down(_: argparse.Namespace) -> int:
     state = _cli_state_dir()
-    pids_file = state / "pids.json"
-    if not pids_file.exists():
+    if not _workdir(state).exists():
         print("no local cluster is running", file=sys.stderr)
         return 0
-    stop_pids(list(json.loads(pids_file.read_text()).values()))
-    pids_file.unlink()
+    ControlPlane(state, testbed_bin_dir(), "", state / "kubeconfig", outlive_starter=True).stop()
     print(f"stopped the local cluster in {state}", file=sys.stderr)
     return 0
 

@@ -41,7 +41,7 @@ def repo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def testbed_bin() -> Path:
-    """The folder holding etcd, kube-*, kubectl, kwok and helm built from Go modules."""
+    """The folder holding etcd, kube-*, kubectl, kwok, kwokctl and helm built from Go modules."""
     import localcluster
 
     try:

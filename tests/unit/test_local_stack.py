@@ -297,8 +297,8 @@ def _run_build_testbed(tmp_path, **env):
     bin_dir = cache / (f"testbed-k8s-{v['KUBERNETES_VERSION']}-etcd-{v['ETCD_VERSION']}"
                        f"-kwok-{v['KWOK_VERSION']}-helm-{v['HELM_VERSION']}") / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    # Only the Kubernetes build is left to do: kwok, its stages and helm are "cached".
-    for name in ("kwok", "helm"):
+    # Only the Kubernetes build is left to do: kwok, kwokctl, its stages and helm are "cached".
+    for name in ("kwok", "kwokctl", "helm"):
         (bin_dir / name).write_text("")
         (bin_dir / name).chmod(0o755)
     (bin_dir.parent / "kwok-stages.yaml").write_text("---\n")
