@@ -278,6 +278,8 @@ class Gateway:
         """401 unless the caller's key opens the model (before anything is forwarded or woken)."""
         info = model.info
         if info.open:
+            if self._withheld(info):
+                raise errors.keyless_on_public_gateway(model.served_name or info.name)
             return
         assert info.key_secret is not None
         token = presented_key(req.header(b"authorization"), req.header(b"x-api-key"))
@@ -288,10 +290,14 @@ class Gateway:
         if not keys.opens(token):
             raise errors.invalid_api_key(token is not None)
 
+    def _withheld(self, info: table.EndpointInfo) -> bool:
+        """A keyless model this gateway does not serve: it is public, and the model did not opt in."""
+        return self.settings.public and info.open and not info.allow_unauthenticated
+
     async def _opens(self, model: Model, token_digest: bytes | None) -> bool:
         info = model.info
         if info.open:
-            return True
+            return not self._withheld(info)
         if token_digest is None:
             return False
         assert info.key_secret is not None

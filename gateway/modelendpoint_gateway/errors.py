@@ -132,6 +132,14 @@ def invalid_api_key(present: bool) -> GatewayError:
     return GatewayError(401, message, INVALID_REQUEST, None, "invalid_api_key", (("WWW-Authenticate", "Bearer"),))
 
 
+def keyless_on_public_gateway(model: str) -> GatewayError:
+    # 403, not 404: the caller (or the model's owner) learns what to change.
+    return GatewayError(403, f"The model `{_short(model)}` has no API key (apiKeySecretRef), and this gateway is "
+                             "reachable from outside the cluster: its ModelEndpoint needs apiKeySecretRef, or "
+                             "allowUnauthenticated: true to be published without a key.",
+                        INVALID_REQUEST, None, "model_not_published")
+
+
 def body_too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"The request body exceeds the limit of {limit} bytes.", INVALID_REQUEST, None,
                         "request_too_large")

@@ -67,6 +67,11 @@ class GatewaySettings(BaseSettings):
     # periods without a successful read are not trusted (503, fail closed).
     key_refresh_seconds: float = Field(default=10.0, gt=0, le=300)
 
+    # Reachable from outside the cluster (the chart sets it with gateway.ingress.enabled or a
+    # LoadBalancer/NodePort Service): a ModelEndpoint without apiKeySecretRef is then served
+    # only with allowUnauthenticated: true, the opt-in its own Ingress needs.
+    public: bool = False
+
     # SIGTERM: in-flight requests (streams included) may finish for this long.
     drain_timeout_seconds: float = Field(default=60.0, ge=0, le=86400)
 

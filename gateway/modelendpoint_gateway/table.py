@@ -67,6 +67,7 @@ class EndpointInfo:
     min_replicas: int | None = None
     key_secret: str | None = None  # apiKeySecretRef.name
     key_field: str | None = None   # apiKeySecretRef.key
+    allow_unauthenticated: bool = False  # spec.allowUnauthenticated: published without a key on purpose
     strategy: str = LEAST_REQUESTS
     prefix_hash: PrefixHashOptions = PrefixHashOptions()
     sse: bool = True               # rawOpenAIOutput: streams are SSE unless false
@@ -135,6 +136,7 @@ def parse_endpoint(obj: Mapping[str, Any]) -> EndpointInfo:
         min_replicas=_int(auto.get("minReplicas"), 1) if isinstance(auto, Mapping) else None,
         key_secret=key_secret or None,
         key_field=(str(ref.get("key") or "") or None) if key_secret else None,
+        allow_unauthenticated=spec.get("allowUnauthenticated") is True,
         strategy=PREFIX_HASH if lb.get("strategy") == PREFIX_HASH else LEAST_REQUESTS,
         prefix_hash=PrefixHashOptions(
             mean_load_percentage=max(100, _int(ph.get("meanLoadPercentage"), 125)),

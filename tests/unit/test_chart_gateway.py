@@ -124,3 +124,15 @@ def test_disabled_renders_no_gateway_object(testbed_bin, tmp_path):
     assert gateway(render_all(testbed_bin, tmp_path, {"gateway": {"enabled": False}})) == []
     one = render_all(testbed_bin, tmp_path, {"gateway": {"replicas": 1}})
     assert not by_kind(gateway(one), "PodDisruptionBudget")
+
+
+def test_a_published_gateway_serves_keyless_models_only_when_they_opt_in(defaults, namespaced, testbed_bin,
+                                                                         tmp_path):
+    # The API server asks allowUnauthenticated of a keyless ModelEndpoint's own Ingress; the
+    # gateway asks the same of the models it publishes (gateway.md, Keys).
+    assert _env(_deployment(defaults))["MEP_GATEWAY_PUBLIC"] == "false"
+    assert _env(_deployment(namespaced))["MEP_GATEWAY_PUBLIC"] == "true"  # gateway.ingress.enabled
+    for kind in ("LoadBalancer", "NodePort"):
+        (tmp_path / kind).mkdir()
+        objs = render_all(testbed_bin, tmp_path / kind, {"gateway": {"service": {"type": kind}}})
+        assert _env(_deployment(objs))["MEP_GATEWAY_PUBLIC"] == "true", kind

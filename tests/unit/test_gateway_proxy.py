@@ -288,6 +288,35 @@ def test_keys_checked_before_forwarding_and_rotation_within_a_refresh(cluster, r
     assert '"msg":"request"' in logged or "request" in logged
 
 
+def test_a_public_gateway_serves_a_keyless_model_only_if_it_opts_in(cluster, replicas, started):
+    # MEP_GATEWAY_PUBLIC (the chart's published gateway): the allowUnauthenticated opt-in that
+    # the API server asks of a keyless ModelEndpoint's own Ingress.
+    cluster.set_secret("ns", "keys", {"k": KEY})
+    quiet, opted, keyed = replica(replicas, "quiet"), replica(replicas, "opted"), replica(replicas, "keyed")
+    serve(cluster, "ns", "quiet", "quiet-model", quiet)
+    serve(cluster, "ns", "opted", "opted-model", opted, allowUnauthenticated=True)
+    serve(cluster, "ns", "keyed", "keyed-model", keyed, apiKeySecretRef={"name": "keys", "key": "k"})
+    serve(cluster, "ns", "asleep", "asleep-model", autoscaling={"minReplicas": 0, "maxReplicas": 1})
+    gw = started(public="true")
+    with httpx.Client(base_url=gw.url, timeout=10, headers={"Authorization": f"Bearer {KEY}"}) as h:
+        assert {m["id"] for m in h.get("/v1/models").json()["data"]} == {"opted-model", "keyed-model"}
+        for name in ("quiet-model", "asleep-model"):
+            err = error_of(r := h.post("/v1/chat/completions", json=chat(name)))
+            assert r.status_code == 403 and err["code"] == "model_not_published", err
+            assert "allowUnauthenticated: true" in err["message"]
+            assert h.get(f"/v1/models/{name}").status_code == 404
+        assert h.post("/v2/quiet/openai/v1/chat/completions", json=chat("quiet-model")).status_code == 403
+        assert h.post("/v1/chat/completions", json=chat("opted-model")).status_code == 200
+        assert h.post("/v1/chat/completions", json=chat("keyed-model")).status_code == 200
+    assert quiet.requests == [] and len(opted.requests) == 1 and len(keyed.requests) == 1
+    time.sleep(1.2)   # one writer tick: the keyless model at zero was not woken
+    assert cluster.annotations == []
+    # Not published (the default): every keyless model is open, as before.
+    inside = started()
+    with httpx.Client(base_url=inside.url, timeout=10) as h:
+        assert h.post("/v1/chat/completions", json=chat("quiet-model")).status_code == 200
+
+
 def test_unreadable_keys_fail_closed_with_503(cluster, replicas, started):
     a = replica(replicas, "a")
     cluster.fail_secrets = True
