@@ -275,7 +275,8 @@ class Gateway:
         await self._forward(req, resp, model, body, ctx)
 
     async def _authorize(self, req: Request, model: Model) -> None:
-        """401 unless the caller's key opens the model (before anything is forwarded or woken)."""
+        """401 unless the caller's key opens the model, 403 for a keyless one this gateway does not
+        publish (both before anything is forwarded or woken)."""
         info = model.info
         if info.open:
             if self._withheld(info):

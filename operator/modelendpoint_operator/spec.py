@@ -406,7 +406,8 @@ class ModelEndpointSpec(ApiModel):
                           "reaches running replicas without a restart.")
     allow_unauthenticated: bool = Field(
         False, description="Allow publishing the endpoint (ingress.enabled, or service.type LoadBalancer or "
-                           "NodePort) without apiKeySecretRef: anyone who reaches it can use the model.")
+                           "NodePort, or a gateway published outside the cluster) without apiKeySecretRef: "
+                           "anyone who reaches it can use the model.")
     model_cache: ModelCacheSpec | None = Field(
         None, description="Hugging Face cache volume (HF_HOME): an existing PVC (claimName) or one the operator "
                           "creates (size). Without it, an emptyDir.")
