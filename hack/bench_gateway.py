@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             log(f"skipping MEP_GATEWAY_WORKERS={','.join(map(str, skipped))}: more than the proxy's "
                 f"{len(proxy_cpus)} CPU(s)")
+        if not variants:
+            raise SystemExit(f"bench-gateway: --workers {args.workers}: every variant needs more than the "
+                             f"proxy's {len(proxy_cpus)} CPU(s) (--proxy-cpus)")
         # Everything this process starts from here on inherits the load CPUs.
         os.sched_setaffinity(0, load_cpus)
     gateways = {("gateway" if w == 1 else f"gateway-{w}w"): w for w in variants}

@@ -492,6 +492,8 @@ class Gateway:
                     tried.append(replica)
                     m.retry("connect")
                     continue
+                if not reused:
+                    metrics.UPSTREAM_CONNECTIONS.inc()
                 can_retry = ctx.attempts < s.max_attempts and any(
                     r is not replica and r not in tried for r in model.replicas)
                 outcome = await self._exchange(req, resp, model, replica, conn, ctx,

@@ -35,6 +35,9 @@ WATCH_EVENTS = Counter("modelendpoint_gateway_watch_events_total", "Watch events
 WATCH_RESTARTS = Counter("modelendpoint_gateway_watch_restarts_total",
                          "Watches restarted: expired resourceVersion (410, a full list follows), error, or timeout.",
                          ["resource", "reason"])
+UPSTREAM_CONNECTIONS = Counter("modelendpoint_gateway_upstream_connections_opened_total",
+                               "Connections opened to replicas: a request that found no idle pooled one (raise "
+                               "MEP_GATEWAY_MAX_IDLE_CONNECTIONS_PER_REPLICA when this grows with steady load).")
 KEY_READS = Counter("modelendpoint_gateway_key_reads_total", "Reads of API-key Secrets.", ["result"])
 ANNOTATION_WRITES = Counter("modelendpoint_gateway_held_annotation_writes_total",
                             "Writes of the held-requests annotation on ModelEndpoints.", ["result"])

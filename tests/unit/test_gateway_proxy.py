@@ -674,6 +674,8 @@ def test_metrics_per_model(cluster, replicas, started):
     assert delta("modelendpoint_gateway_requests_total", model="m-metrics", code="200") == 3
     assert delta("modelendpoint_gateway_requests_total", model="", code="404") == 1
     assert delta("modelendpoint_gateway_time_to_first_byte_seconds_count", model="m-metrics") == 3
+    # One connection to the replica, opened by the first request and reused by the next two.
+    assert delta("modelendpoint_gateway_upstream_connections_opened_total") == 1
     assert metric_value(text, "modelendpoint_gateway_requests_in_flight", model="m-metrics") == 0
     assert metric_value(text, "modelendpoint_gateway_ready_replicas", model="m-metrics") == 1
     assert "nope" not in text
