@@ -136,14 +136,16 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of processes (all their threads), in seconds."""
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU of processes (all their threads), in seconds."""
+    user = system = 0
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11])
+            system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def pss_mib(pids: list[int]) -> float:
@@ -267,7 +269,11 @@ class Point:
         self.events = 0
         self.window = 0.0
         self.cpu = 0.0
+        self.cpu_system = 0.0
         self.rss = 0.0
+        # Each round's TTFB p50 and p99 (ms), to show how much a figure moves from one round to the next.
+        self.round_ttfb: list[tuple[float, float]] = []
+        self._round_start = 0
 
     def add(self, prefix: Path) -> None:
         res = json.loads(prefix.with_suffix(".json").read_text())
@@ -279,6 +285,11 @@ class Point:
         for arr, ext in ((self.ttfb, ".ttfb"), (self.gaps, ".gaps")):
             data = prefix.with_suffix(ext).read_bytes()
             arr.frombytes(data)
+
+    def end_round(self) -> None:
+        this = self.ttfb[self._round_start:]
+        self._round_start = len(self.ttfb)
+        self.round_ttfb.append((self.pct(this, 50) * 1000, self.pct(this, 99) * 1000))
 
     @staticmethod
     def pct(values: array.array, p: float) -> float:
@@ -294,6 +305,8 @@ class Point:
             "gap_p99_ms": self.pct(self.gaps, 99) * 1000,
             "streams_per_s": self.ok / self.window if self.window else 0.0,
             "cpu_per_1000_chunks_s": self.cpu / self.events * 1000 if self.events and self.cpu else None,
+            "cpu_system_share": self.cpu_system / self.cpu if self.cpu else None,
+            "round_ttfb_ms": self.round_ttfb,
             "rss_mib": self.rss or None,
         }
 
@@ -326,8 +339,10 @@ def measure(point: Point, targets: str, proxy_pid: int | None, concurrency: int,
             raise SystemExit(f"the load generator failed ({tag})")
     for prefix in prefixes:
         point.add(prefix)
+    point.end_round()
     point.window += duration
-    point.cpu += cpu1 - cpu0
+    point.cpu += sum(cpu1) - sum(cpu0)
+    point.cpu_system += cpu1[1] - cpu0[1]
     point.rss = max(point.rss, rss)
 
 
@@ -336,6 +351,15 @@ def measure(point: Point, targets: str, proxy_pid: int | None, concurrency: int,
 
 def fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def share(fraction: float | None) -> str:
+    return "" if fraction is None else f" ({fraction * 100:.0f} %)"
+
+
+def round_spread(proxy: dict, direct: dict) -> str:
+    added = [p99 - d99 for (_, p99), (_, d99) in zip(proxy["round_ttfb_ms"], direct["round_ttfb_ms"], strict=True)]
+    return f" ({min(added):+.1f} to {max(added):+.1f})" if len(added) > 1 else ""
 
 
 def label(path: str) -> str:
@@ -366,7 +390,8 @@ def report(results: dict[tuple[str, int], dict], concurrencies: list[int], paths
              f"`--policy round_robin` and the same two workers. Time to first byte: request written to the first "
              f"body byte at the client. Gap: time between two arrivals of stream data at the client. CPU: the "
              f"proxy's processes' user + system time over the window per 1,000 chunks delivered (SSE data "
-             f"events). Memory: the largest PSS of the proxy's processes summed, during the window.", "",
+             f"events), and in brackets the kernel's (system time's) share of it. Memory: the largest PSS of "
+             f"the proxy's processes summed, during the window.", "",
              "| streams | path | errors | TTFB p50 (ms) | TTFB p99 (ms) | gap p99 (ms) | streams/s | "
              "CPU s / 1,000 chunks | peak memory (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -377,15 +402,18 @@ def report(results: dict[tuple[str, int], dict], concurrencies: list[int], paths
                                       if r["errors"] else "")
             lines.append(f"| {c:,} | {label(path)} | {err} | {fmt(r['ttfb_p50_ms'])} | {fmt(r['ttfb_p99_ms'], 1)} | "
                          f"{fmt(r['gap_p99_ms'], 1)} | {fmt(r['streams_per_s'], 1)} | "
-                         f"{fmt(r['cpu_per_1000_chunks_s'], 3)} | {fmt(r['rss_mib'], 0)} |")
+                         f"{fmt(r['cpu_per_1000_chunks_s'], 3)}{share(r['cpu_system_share'])} | "
+                         f"{fmt(r['rss_mib'], 0)} |")
     proxies = gateways + ["vllm-router"]
-    lines += ["", "Added time to first byte over direct (ms, p50 / p99):", "",
+    lines += ["", "Added time to first byte over direct (ms, p50 / p99 of the pooled rounds; in brackets the "
+              "lowest and highest of the rounds' added p99, each against direct's p99 in the same round):", "",
               "| streams | " + " | ".join(label(p) for p in proxies) + " |",
               "|---|" + "---|" * len(proxies)]
     for c in concurrencies:
         d = results[("direct", c)]
         cells = [f"{results[(p, c)]['ttfb_p50_ms'] - d['ttfb_p50_ms']:+.2f} / "
-                 f"{results[(p, c)]['ttfb_p99_ms'] - d['ttfb_p99_ms']:+.1f}" for p in proxies]
+                 f"{results[(p, c)]['ttfb_p99_ms'] - d['ttfb_p99_ms']:+.1f}{round_spread(results[(p, c)], d)}"
+                 for p in proxies]
         lines.append(f"| {c:,} | " + " | ".join(cells) + " |")
 
     # Targets, for each gateway variant.
@@ -505,7 +533,8 @@ def split_cpus(proxy_count: int) -> tuple[set[int], set[int]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="64,256,1024")
-    p.add_argument("--rounds", type=int, default=2)
+    # Four rounds: a p99 from one 10 s round at 64 streams rests on its top few streams.
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--chunks", type=int, default=64)
