@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelendpoint_operator import served_names
+
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 
@@ -133,11 +135,10 @@ def invalid_api_key(present: bool) -> GatewayError:
 
 
 def keyless_on_public_gateway(model: str) -> GatewayError:
-    # 403, not 404: the caller (or the model's owner) learns what to change.
-    return GatewayError(403, f"The model `{_short(model)}` has no API key (apiKeySecretRef), and this gateway is "
-                             "reachable from outside the cluster: its ModelEndpoint needs apiKeySecretRef, or "
-                             "allowUnauthenticated: true to be published without a key.",
-                        INVALID_REQUEST, None, "model_not_published")
+    # 403, not 404: the caller (or the model's owner) learns what to change. The wording is the
+    # operator's Routable condition's on that ModelEndpoint.
+    message = served_names.key_required_message(_short(model))
+    return GatewayError(403, message[0].upper() + message[1:] + ".", INVALID_REQUEST, None, "model_not_published")
 
 
 def body_too_large(limit: int) -> GatewayError:

@@ -139,7 +139,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
         await state.kube.ensure_peering(ours.peering_name, ours.namespace_list)
     state.views = views_of(kwargs)
     served_index: kopf.Index = kwargs["served_names_idx"]
-    state.conditions = lambda ep, views: _routable(ep, views, served_index)
+    state.conditions = lambda ep, views: _routable(ep, views, served_index, ours.gateway_public)
     kube = state.kube
     state.scaler = Scaler(state.queue.add, lambda ep, *a: kube.post_event(ep.involved(), *a),
                           ours.autoscaling_interval_seconds, ours.autoscaling_max_scrapes)
@@ -203,8 +203,10 @@ def _scraped(state: Reconciler) -> list[tuple[Endpoint, list[dict[str, Any]], in
     return out
 
 
-def _routable(ep: Endpoint, views: Views, served_index: kopf.Index) -> tuple[st.Condition, ...]:
-    """Routable: False when another ModelEndpoint owns this one's served name (the gateway's rule)."""
+def _routable(ep: Endpoint, views: Views, served_index: kopf.Index,
+              gateway_public: bool = False) -> tuple[st.Condition, ...]:
+    """Routable: False when another ModelEndpoint owns this one's served name (the gateway's rule),
+    or when it has no key and did not opt in while the gateway is published."""
     name = ep.spec.served_name
     claims = []
     for key in set(served_index[name]) if name in served_index else ():
@@ -214,6 +216,8 @@ def _routable(ep: Endpoint, views: Views, served_index: kopf.Index) -> tuple[st.
                                               "servedModelName": _served_name(body)}})
     owner = served_names.owners(claims).get(name, ep.key)
     if owner == ep.key:
+        if gateway_public and ep.spec.api_key_secret_ref is None and not ep.spec.allow_unauthenticated:
+            return (st.Condition("Routable", False, "KeyRequired", served_names.key_required_message(name)),)
         return (st.Condition("Routable", True, "ServedNameOwned",
                              f"the gateway routes model {name!r} here"),)
     return (st.Condition("Routable", False, "ServedNameConflict", served_names.conflict_message(name, owner)),)

@@ -176,6 +176,13 @@ def conflict_message(served_name: str, owner: tuple[str, str]) -> str:
             "(the oldest one with that name); this one gets no gateway traffic")
 
 
+def key_required_message(served_name: str) -> str:
+    """Why a keyless model gets no traffic from a published gateway (its 403 and the Routable condition)."""
+    return (f"the model `{served_name}` has no API key (apiKeySecretRef), and the gateway is reachable from "
+            "outside the cluster: its ModelEndpoint needs apiKeySecretRef, or allowUnauthenticated: true to be "
+            "published without a key")
+
+
 def adapter_conflict_message(adapter: str, owner: tuple[str, str]) -> str:
     """Why an adapter's name gets no gateway traffic here (the same rule as served names)."""
     return (f"adapter name {adapter!r} is claimed first by ModelEndpoint {owner[0]}/{owner[1]} "

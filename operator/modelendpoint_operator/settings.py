@@ -59,6 +59,10 @@ class OperatorSettings(BaseSettings):
     autoscaling_interval_seconds: float = Field(default=5.0, ge=0.2, le=300)
     autoscaling_max_scrapes: int = Field(default=32, ge=1, le=10000)
 
+    # The gateway is reachable from outside the cluster (the chart sets it as it sets the
+    # gateway's MEP_GATEWAY_PUBLIC): a keyless ModelEndpoint without allowUnauthenticated is
+    # then not routable there, and its Routable condition says so.
+    gateway_public: bool = False
     standalone: bool = False
     peering_name: str = Field(default="modelendpoint-operator", min_length=1)
     peering_priority: int | None = Field(default=None, ge=0, le=2**31 - 1)

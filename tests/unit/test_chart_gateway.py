@@ -130,9 +130,18 @@ def test_a_published_gateway_serves_keyless_models_only_when_they_opt_in(default
                                                                          tmp_path):
     # The API server asks allowUnauthenticated of a keyless ModelEndpoint's own Ingress; the
     # gateway asks the same of the models it publishes (gateway.md, Keys).
-    assert _env(_deployment(defaults))["MEP_GATEWAY_PUBLIC"] == "false"
-    assert _env(_deployment(namespaced))["MEP_GATEWAY_PUBLIC"] == "true"  # gateway.ingress.enabled
+    # The operator is told the same, for the Routable condition of the models it withholds.
+    def public(objs: list[dict]) -> tuple[str | None, str | None]:
+        [operator] = [o for o in by_kind(objs, "Deployment") if not is_gateway(o)]
+        return _env(_deployment(objs))["MEP_GATEWAY_PUBLIC"], _env(operator)["MEP_OPERATOR_GATEWAY_PUBLIC"]
+
+    assert public(defaults) == ("false", "false")
+    assert public(namespaced) == ("true", "true")  # gateway.ingress.enabled
     for kind in ("LoadBalancer", "NodePort"):
         (tmp_path / kind).mkdir()
         objs = render_all(testbed_bin, tmp_path / kind, {"gateway": {"service": {"type": kind}}})
-        assert _env(_deployment(objs))["MEP_GATEWAY_PUBLIC"] == "true", kind
+        assert public(objs) == ("true", "true"), kind
+    (tmp_path / "off").mkdir()
+    off = render_all(testbed_bin, tmp_path / "off", {"gateway": {"enabled": False, "ingress": {"enabled": True}}})
+    [operator] = by_kind(off, "Deployment")
+    assert _env(operator)["MEP_OPERATOR_GATEWAY_PUBLIC"] == "false"  # no gateway, nothing withheld

@@ -424,3 +424,27 @@ def test_resource_paths() -> None:
             == "/apis/serving.modelendpoint.dev/v1alpha1/namespaces/ns/modelendpoints/m/status")
     assert k8s.path_of("kopf.dev/v1", "ClusterKopfPeering", None, "p") == "/apis/kopf.dev/v1/clusterkopfpeerings/p"
     assert k8s.path_of("v1", "Event", "ns") == "/api/v1/namespaces/ns/events"
+
+
+@pytest.mark.parametrize(("spec", "public", "routable", "reason"), [
+    ({}, False, True, "ServedNameOwned"),                                       # in-cluster gateway: open
+    ({}, True, False, "KeyRequired"),                                           # published, no key, no opt-in
+    ({"allowUnauthenticated": True}, True, True, "ServedNameOwned"),            # opted in
+    ({"apiKeySecretRef": {"name": "keys", "key": "k"}}, True, True, "ServedNameOwned"),  # keyed
+])
+def test_routable_says_why_a_published_gateway_withholds_a_keyless_model(spec, public, routable, reason) -> None:
+    owner = _owner(**spec)
+    [cond] = h._routable(h.Endpoint.from_body(owner), views(owner), {"m": [KEY]}, public)
+    assert (cond.status, cond.reason) == (routable, reason)
+    if reason == "KeyRequired":
+        # The gateway's 403 and this condition say the same thing, naming both ways out.
+        assert "apiKeySecretRef" in cond.message and "allowUnauthenticated: true" in cond.message
+
+
+def test_a_served_name_conflict_outranks_the_key_rule() -> None:
+    older = {**_owner(), "metadata": {**_owner()["metadata"], "name": "old", "uid": "u0",
+                                       "creationTimestamp": "2025-01-01T00:00:00Z"}}
+    mine = _owner()
+    vs = r.Views({KEY: [mine], ("ns", "old"): [older]}, {kind: {} for _, kind in manifests.CHILD_KINDS}, {})
+    [cond] = h._routable(h.Endpoint.from_body(mine), vs, {"m": [KEY, ("ns", "old")]}, True)
+    assert (cond.status, cond.reason) == (False, "ServedNameConflict")

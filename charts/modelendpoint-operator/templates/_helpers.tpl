@@ -77,6 +77,13 @@ app.kubernetes.io/component: gateway
 app.kubernetes.io/part-of: modelendpoint
 {{- end }}
 
+{{/* The gateway is reachable from outside the cluster (its Ingress, or a LoadBalancer or NodePort
+Service): it serves a keyless ModelEndpoint only with allowUnauthenticated: true. "true" or "false". */}}
+{{- define "mep.gatewayPublic" -}}
+{{- $g := .Values.gateway -}}
+{{- and $g.enabled (or $g.ingress.enabled (has $g.service.type (list "LoadBalancer" "NodePort"))) -}}
+{{- end }}
+
 {{- define "mep.gatewayServiceAccountName" -}}
 {{- if .Values.gateway.serviceAccount.create }}
 {{- default (include "mep.gatewayName" .) .Values.gateway.serviceAccount.name }}
