@@ -573,8 +573,8 @@ def test_two_replicas_serve_and_the_load_dropping_brings_one_back_after_the_dela
     pod_url = f"http://{newer['status']['podIP']}:8000/v1"
     assert post_chat(pod_url, KEYED_SERVED, system.old_key).status_code == 401
     before = {p["metadata"]["name"]: e2e.chat_requests_served(p) for p in pods}
-    # A request counts once it is answered: with four engines on two loaded cores a 64-token
-    # stream can take over a minute (one took 75 s), so a minute was too short a wait.
+    # A request counts once it is answered: with four engines on two loaded cores a stream can
+    # take over a minute (a 48-token one once took 75 s), so a minute was too short a wait.
     wait_for(lambda: all(e2e.chat_requests_served(p) > before[p["metadata"]["name"]] for p in pods),
              timeout=240, what="the gateway to use both replicas")
 
