@@ -27,6 +27,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from modelendpoint_operator import served_names
+
 from . import errors, hold, logs, metrics, prefix, table
 from .balancer import Replica
 from .errors import GatewayError
@@ -293,7 +295,8 @@ class Gateway:
 
     def _withheld(self, info: table.EndpointInfo) -> bool:
         """A keyless model this gateway does not serve: it is public, and the model did not opt in."""
-        return self.settings.public and info.open and not info.allow_unauthenticated
+        return served_names.withheld_from_public_gateway(self.settings.public, not info.open,
+                                                         info.allow_unauthenticated)
 
     async def _opens(self, model: Model, token_digest: bytes | None) -> bool:
         info = model.info

@@ -216,7 +216,8 @@ def _routable(ep: Endpoint, views: Views, served_index: kopf.Index,
                                               "servedModelName": _served_name(body)}})
     owner = served_names.owners(claims).get(name, ep.key)
     if owner == ep.key:
-        if gateway_public and ep.spec.api_key_secret_ref is None and not ep.spec.allow_unauthenticated:
+        if served_names.withheld_from_public_gateway(gateway_public, ep.spec.api_key_secret_ref is not None,
+                                                     ep.spec.allow_unauthenticated):
             return (st.Condition("Routable", False, "KeyRequired", served_names.key_required_message(name)),)
         return (st.Condition("Routable", True, "ServedNameOwned",
                              f"the gateway routes model {name!r} here"),)

@@ -21,6 +21,11 @@ creation time), and each name -- a served name or an adapter's -- has one
 owner. Only a ModelEndpoint that claims its served name (it has a status, it
 is not being deleted) claims its adapters' names. :func:`claim_of`,
 :func:`owners` and :func:`conflicts` keep looking at served names only.
+
+A published gateway (reachable from outside the cluster) serves no keyless
+model that did not opt in with ``allowUnauthenticated``:
+:func:`withheld_from_public_gateway` is that rule, for the gateway's 403 and
+the operator's ``Routable=False`` (reason ``KeyRequired``) alike.
 """
 
 from __future__ import annotations
@@ -174,6 +179,11 @@ def conflict_message(served_name: str, owner: tuple[str, str]) -> str:
     """The text of the ``Routable=False`` condition (one wording for the operator and the docs)."""
     return (f"served model name {served_name!r} is owned by ModelEndpoint {owner[0]}/{owner[1]} "
             "(the oldest one with that name); this one gets no gateway traffic")
+
+
+def withheld_from_public_gateway(gateway_public: bool, has_key: bool, allow_unauthenticated: bool) -> bool:
+    """A published gateway serves no keyless model that did not opt in (the gateway's 403, the operator's condition)."""
+    return gateway_public and not has_key and not allow_unauthenticated
 
 
 def key_required_message(served_name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -76,3 +77,14 @@ def test_exactly_one_owner_per_name_and_order_does_not_matter(objs):
     for o in live:
         key = (o["metadata"]["namespace"], o["metadata"]["name"])
         assert (key in losers) != (owners[o["status"]["servedModelName"]] == key)
+
+
+@pytest.mark.parametrize(("public", "has_key", "opted_in", "withheld"), [
+    (True, False, False, True),
+    (True, False, True, False),
+    (True, True, False, False),
+    (False, False, False, False),
+])
+def test_only_a_published_gateway_withholds_a_keyless_model_that_did_not_opt_in(public, has_key, opted_in,
+                                                                                 withheld):
+    assert sn.withheld_from_public_gateway(public, has_key, opted_in) is withheld
