@@ -1,4 +1,5 @@
-"""The operator killed mid-reconcile and restarted; two operator processes (kopf peering)."""
+"""The operator killed mid-reconcile and restarted; two operator processes (kopf peering); restarted with
+another setting (a published gateway)."""
 
 from __future__ import annotations
 
@@ -148,3 +149,38 @@ def test_operator_watching_a_namespace_list_ignores_the_others(
     finally:
         scoped.stop()
         kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def _routable(kubectl: Kubectl, namespace: str, name: str) -> dict:
+    conds = ((kubectl.get("mep", name, namespace) or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == "Routable"), {})
+
+
+def test_a_published_gateway_marks_a_keyless_endpoint_not_routable_until_it_opts_in(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    # The chart sets this when its gateway is reachable from outside the cluster.
+    operator.stop()
+    operator.extra_env["MEP_OPERATOR_GATEWAY_PUBLIC"] = "true"
+    try:
+        operator.restart()
+        kubectl.apply([mep("keyless", namespace, model="m/keyless", gpus=0),
+                       mep("opted-in", namespace, model="m/opted-in", gpus=0, allowUnauthenticated=True)])
+        cond = wait_for(lambda: _routable(kubectl, namespace, "keyless").get("reason") == "KeyRequired"
+                        and _routable(kubectl, namespace, "keyless"), timeout=60,
+                        what="Routable=False (KeyRequired) on the keyless ModelEndpoint")
+        assert cond["status"] == "False"
+        assert "`m/keyless`" in cond["message"] and "apiKeySecretRef" in cond["message"]
+        assert "allowUnauthenticated: true" in cond["message"]
+        assert _routable(kubectl, namespace, "opted-in")["status"] == "True"
+        # The phase is the model's, not the gateway's: it still comes up.
+        wait_phase(kubectl, namespace, "keyless", "Ready")
+
+        kubectl("patch", "mep", "keyless", "-n", namespace, "--type=merge",
+                "-p", '{"spec": {"allowUnauthenticated": true}}')
+        wait_for(lambda: _routable(kubectl, namespace, "keyless").get("status") == "True", timeout=60,
+                 what="Routable=True once the ModelEndpoint opts in")
+    finally:
+        operator.stop()
+        del operator.extra_env["MEP_OPERATOR_GATEWAY_PUBLIC"]
+        operator.restart()
