@@ -4,7 +4,7 @@
 - GET the API-key Secrets ModelEndpoints reference, by name (never list/watch);
 - merge-patch this gateway's held-requests annotation on a ModelEndpoint.
 
-RBAC this needs (docs/gateway.md): modelendpoints get/list/watch/patch, pods
+RBAC this needs (docs/gateway.md): modelendpoints list/watch/patch, pods
 list/watch, secrets get, in every namespace served.
 """
 

@@ -7,8 +7,10 @@ the rules here must be exactly the ones the gateway's integration tests bind it 
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from test_chart_render import NAMESPACE, RELEASE, by_kind, is_gateway, render_all, rules_of
+from test_chart_render import CHART, NAMESPACE, RELEASE, by_kind, is_gateway, render_all, rules_of
 
 from fixtures_gateway import GATEWAY_RULES
 from modelendpoint_gateway.settings import load_settings
@@ -77,6 +79,17 @@ def test_the_rendered_settings_are_accepted_by_the_gateway(defaults, namespaced)
         assert settings.port == 8080 and settings.metrics_port == 9090
     assert load_settings({**{k: v for k, v in _env(_deployment(namespaced)).items() if v is not None},
                           "MEP_GATEWAY_POD_NAME": "gw-0"}).hold_timeout_seconds == 300
+
+
+def test_the_schemas_largest_values_reach_the_gateway_as_written(testbed_bin, tmp_path):
+    # A values file's numbers are floats to helm; `quote` alone writes 1000000 as "1e+06".
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["gateway"]["properties"]
+    top = {k: schema[k]["maximum"] for k in ("holdTimeoutSeconds", "maxHeldRequests", "drainTimeoutSeconds")}
+    env = {k: v for k, v in _env(_deployment(render_all(testbed_bin, tmp_path, {"gateway": top}))).items()
+           if v is not None}
+    s = load_settings({**env, "MEP_GATEWAY_POD_NAME": "gw-0"})
+    assert (s.hold_timeout_seconds, s.max_held_requests, s.drain_timeout_seconds) == (
+        top["holdTimeoutSeconds"], top["maxHeldRequests"], top["drainTimeoutSeconds"])
 
 
 def test_no_selector_of_the_operator_matches_the_gateways_pods(defaults):
