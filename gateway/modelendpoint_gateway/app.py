@@ -32,7 +32,7 @@ from modelendpoint_operator import served_names
 from . import errors, hold, logs, metrics, prefix, table
 from .balancer import Replica
 from .errors import GatewayError
-from .http import HOP_BY_HOP, Exchange, Headers, Pool, Request, Responder, UpstreamConnection, UpstreamError, in_task
+from .http import Exchange, Headers, Pool, Request, Responder, UpstreamConnection, UpstreamError, hop_by_hop, in_task
 from .keys import KeyStore, KeysUnavailable, digest, presented_key
 from .router import Model, Router
 from .settings import GatewaySettings
@@ -418,8 +418,9 @@ class Gateway:
     def _upstream_head(self, req: Request, replica: Replica) -> bytes:
         parts = [req.method.encode(), b" ", req.target, b" HTTP/1.1\r\nhost: ", replica.netloc.encode(), b"\r\n"]
         forwarded_for = b""
+        drop = hop_by_hop(req.headers)
         for k, v in req.headers:
-            if k in HOP_BY_HOP:
+            if k in drop:
                 continue
             if k == b"x-forwarded-for":
                 forwarded_for = v + b", "
@@ -434,6 +435,7 @@ class Gateway:
         out: Headers = []
         length: int | None = None
         chunked = False
+        drop = hop_by_hop(ex.headers)
         for k, v in ex.headers:
             if k == b"content-length":
                 try:
@@ -444,7 +446,7 @@ class Gateway:
             if k == b"transfer-encoding":
                 chunked = b"chunked" in v.lower()
                 continue
-            if k in HOP_BY_HOP:
+            if k in drop:
                 continue
             out.append((k, v))
         if self.settings.replica_header:

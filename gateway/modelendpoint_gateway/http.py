@@ -44,6 +44,14 @@ HOP_BY_HOP = frozenset({
     b"proxy-authenticate", b"proxy-authorization", b"content-length", b"host", b"expect",
 })
 
+
+
+def hop_by_hop(headers: Headers) -> frozenset[bytes]:
+    """The names not forwarded: the fixed ones, and those a ``Connection`` header lists (RFC 9110 7.6.1)."""
+    listed = [t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")]
+    return HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP
+
+
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -126,7 +134,11 @@ class Responder:
             parts += (name, b": ", value, _CRLF)
         if self.conn.server.draining:
             self.close_after = True
-        if content_length is not None:
+        if status in (204, 304) or status < 200:
+            # No body by definition: no framing either (a chunked terminator would be read as
+            # the start of the next response).
+            self.head_only = True
+        elif content_length is not None:
             parts.append(b"content-length: %d\r\n" % content_length)
         elif self._raw:
             self.close_after = True
@@ -267,15 +279,22 @@ class HTTPServer:
         return server
 
     async def _sweep(self) -> None:
-        """Close keep-alive connections idle longer than ``idle_seconds`` (also slow-loris headers)."""
+        """Close connections idle longer than ``idle_seconds``, a request head not complete within it
+        (slow loris), and one closed that long ago whose client never read its last bytes."""
         loop = asyncio.get_running_loop()
         period = min(5.0, max(0.5, self.idle_seconds / 4))
         while True:
             await asyncio.sleep(period)
             now = loop.time()
             for conn in list(self.connections):
-                if conn.current is None and now - conn.last_activity > self.idle_seconds:
+                if conn.closed:
+                    # Closed gracefully, its last bytes never flushed: a client that stopped reading.
+                    if now - conn.closed_at > self.idle_seconds:
+                        conn.transport.abort()
+                elif conn.current is None and now - conn.last_activity > self.idle_seconds:
                     conn.abort()
+                elif conn.head_started_before(now - self.idle_seconds):
+                    conn.abort()  # a head trickled in a byte at a time (slow loris)
 
     def stop_listening(self) -> None:
         for server in self.servers:
@@ -331,6 +350,7 @@ class ServerConnection(asyncio.Protocol):
         self.current: Responder | None = None
         self.task: asyncio.Task[None] | None = None
         self.last_activity = 0.0
+        self.closed_at = 0.0
         self.peer = ""
         # Request being parsed.
         self._req: Request | None = None
@@ -339,6 +359,9 @@ class ServerConnection(asyncio.Protocol):
         self._body_size = 0
         self._head_size = 0
         self._in_head = True
+        self._head_started = 0.0
+        self._completed_in_read = False
+        self._continue_owed = False  # an Expect: 100-continue that waits for the response in flight
         # Back-pressure: who to pause while the client's socket buffer is full.
         self.write_paused = False
         self.paused_reader: asyncio.Transport | None = None
@@ -362,6 +385,7 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        self._completed_in_read = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -385,12 +409,18 @@ class ServerConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._protocol_error(400, str(exc) or "invalid HTTP")
             return
-        if self._in_head:
+        if self._in_head and not self._completed_in_read:
             # Still inside a request head after parsing all of it: these bytes are head bytes,
-            # which httptools keeps until a header line ends; bound them here.
+            # which httptools keeps until a header line ends; bound them here. A read that also
+            # completed a request holds that request's body too, so it is not counted (the head
+            # that follows is checked from the next read on, and as a whole once it is complete).
             self._head_size += len(data)
             if self._head_size > self.server.max_header_bytes:
                 self._protocol_error(431, "headers")
+
+    def head_started_before(self, when: float) -> bool:
+        """Whether a request head is being read that began before ``when`` (loop time)."""
+        return self._req is not None and self._in_head and self._head_started < when
 
     def eof_received(self) -> bool | None:
         # A client that half-closes is gone for our purposes: stop its work.
@@ -432,6 +462,7 @@ class ServerConnection(asyncio.Protocol):
         self._body_size = 0
         self._in_head = True
         self._head_size = 0
+        self._head_started = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -441,6 +472,13 @@ class ServerConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._req
         assert req is not None
+        if not self._in_head:
+            # A chunked body's trailer: not a header of the request (it must not pass for an
+            # Authorization, nor be forwarded), bounded as body bytes.
+            self._body_size += len(name) + len(value)
+            if self._body_size > self.server.max_body_bytes:
+                raise BodyTooLarge()
+            return
         req.headers.append((name.lower(), value))
         if len(req.headers) > 1000:
             raise HeaderTooLarge()
@@ -464,8 +502,12 @@ class ServerConnection(asyncio.Protocol):
             req.content_length = int(length)
             if req.content_length > self.server.max_body_bytes:
                 raise BodyTooLarge()
-        if (req.header(b"expect") or "").lower() == "100-continue" and self.current is None and not self.queue:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if (req.header(b"expect") or "").lower() == "100-continue" and req.version != "1.0":
+            if self.current is None and not self.queue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                # Not inside the answer being written: after it (response_done).
+                self._continue_owed = True
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -479,6 +521,8 @@ class ServerConnection(asyncio.Protocol):
         self._req = None
         self._in_head = True
         self._head_size = 0
+        self._completed_in_read = True
+        self._continue_owed = False
         req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
         req.received_at = time.perf_counter()  # loop.time() has millisecond resolution under uvloop
@@ -553,6 +597,9 @@ class ServerConnection(asyncio.Protocol):
         if self.server.draining and not self.queue:
             self.abort(graceful=True)
             return
+        if self._continue_owed and not self.queue:
+            self._continue_owed = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.queue:
             self.loop.call_soon(self._next)
 
@@ -560,6 +607,7 @@ class ServerConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.closed_at = self.loop.time()
         if graceful:
             self.transport.close()  # flushes what is buffered first
         else:
@@ -714,7 +762,13 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is None:
             return
-        ex.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:
+            # An interim answer (103 Early Hints, a stray 100): the real one follows on this
+            # connection; its headers are not the response's.
+            ex.headers.clear()
+            return
+        ex.status = status
         ex.keep_alive = self.parser.should_keep_alive()
         for k, v in ex.headers:
             if k == b"content-length" or (k == b"transfer-encoding" and b"chunked" in v.lower()):
@@ -741,7 +795,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         self.exchange = None
-        if not ex.head.done():  # a 1xx the parser completed: ignore it
+        if not ex.head.done():  # the 1xx of on_headers_complete: the answer is still to come
             self.exchange = ex
             return
         if not ex.done.done():
@@ -754,8 +808,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = None
         if ex is None:
             return
-        if ex.head.done() and not ex.framed and not ex.done.done():
-            ex.done.set_result(None)  # a close-delimited body ends here
+        if ex.head.done() and not ex.framed and not ex.done.done() and exc is None:
+            ex.done.set_result(None)  # a close-delimited body ends here (a reset cuts it: an error)
             return
         ex.fail(UpstreamError(f"connection to the replica lost ({exc or 'closed'})", not self.got_bytes))
 

@@ -615,6 +615,173 @@ def test_protocol_limits_are_openai_shaped(cluster, replicas, started):
     assert gw.get("/healthz")[0] == 200
 
 
+class RawReplica:
+    """A replica that answers its requests, in order, with the bytes given: framing the aiohttp fake
+    cannot make (interim answers, bodiless statuses, a reset). An answer ``(data, "reset")``: send
+    ``data``, then reset the connection once the gateway had time to read it."""
+
+    def __init__(self, answers: list[bytes | tuple[bytes, str]]) -> None:
+        self.answers = list(answers)
+        self.heads: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while self.answers:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                self.heads.append(head)
+                answer = self.answers.pop(0)
+                if isinstance(answer, tuple):
+                    conn.sendall(answer[0])
+                    time.sleep(0.3)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    return
+                conn.sendall(answer)
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def _raw_request(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_a_body_that_arrives_in_the_read_of_its_head_is_not_counted_as_head(cluster, replicas, started):
+    a = replica(replicas, "a")
+    serve(cluster, "ns", "ep", "m", a)
+    gw = started(max_header_bytes=2048)
+    body = json.dumps(chat("m", pad="x" * 20_000)).encode()
+    out = _raw_request(gw.settings.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                       b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                       % (len(body), body))
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    assert len(a.requests[0]["body"]) == len(body)
+
+
+def test_interim_and_bodiless_answers_keep_both_connections_in_step(cluster, started):
+    ok = b'{"from":"raw"}'
+    raw = RawReplica([
+        b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(ok), ok),
+        b"HTTP/1.1 204 No Content\r\nx-n: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-hop\r\nx-hop: 1\r\n"
+        b"content-length: 7\r\n\r\n{\"n\":3}",
+    ])
+    try:
+        serve(cluster, "ns", "ep", "m", raw)
+        gw = started()
+        with httpx.Client(base_url=gw.url, timeout=10) as h:  # one client connection throughout
+            r = h.post("/v1/chat/completions", json=chat("m"))
+            assert r.status_code == 200 and r.json() == {"from": "raw"} and "link" not in r.headers
+            r = h.post("/v1/chat/completions", json=chat("m"))
+            assert r.status_code == 204 and r.content == b"" and r.headers["x-n"] == "2"
+            assert "transfer-encoding" not in r.headers and "content-length" not in r.headers
+            r = h.post("/v1/chat/completions", json=chat("m"))
+            assert r.status_code == 200 and r.json() == {"n": 3}
+            assert "x-hop" not in r.headers  # listed in the replica's Connection header
+        assert len(raw.heads) == 3
+    finally:
+        raw.stop()
+
+
+def test_a_reset_replica_cuts_its_close_delimited_answer_rather_than_ending_it(cluster, started):
+    raw = RawReplica([(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npartial", "reset")])
+    try:
+        serve(cluster, "ns", "ep", "m", raw)
+        gw = started()
+        cut = (httpx.RemoteProtocolError, httpx.ReadError)  # not a clean end of "partial"
+        with httpx.Client(base_url=gw.url, timeout=10) as h, pytest.raises(cut):
+            h.post("/v1/chat/completions", json=chat("m"))
+        assert gw.get("/healthz")[0] == 200
+    finally:
+        raw.stop()
+
+
+def test_connection_listed_headers_and_trailers_are_not_forwarded(cluster, replicas, started):
+    a = replica(replicas, "a")
+    serve(cluster, "ns", "ep", "m", a)
+    gw = started()
+    body = json.dumps(chat("m")).encode()
+    out = _raw_request(gw.settings.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                       b"connection: close, x-private\r\nx-private: 1\r\nx-kept: 2\r\n"
+                       b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nx-trailer: 3\r\n\r\n"
+                       % (len(body), body))
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    headers = {k.lower() for k in a.requests[0]["headers"]}
+    assert "x-kept" in headers and "x-private" not in headers and "x-trailer" not in headers
+    assert a.requests[0]["body"] == body
+
+
+def test_100_continue_for_a_pipelined_request_comes_after_the_answer_before_it(cluster, replicas, started):
+    a = replica(replicas, "a")
+    a.delay = 0.3
+    serve(cluster, "ns", "ep", "m", a)
+    gw = started()
+    body = json.dumps(chat("m")).encode()
+    first = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    second = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n" % len(body))
+    with socket.create_connection(("127.0.0.1", gw.settings.port)) as s:
+        s.settimeout(10)
+        s.sendall(first + second)
+        data = b""
+        while b"HTTP/1.1 100 Continue\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200")  # the first answer, whole, then the 100
+        s.sendall(body)
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 2 and len(a.requests) == 2
+
+
+def test_a_head_trickled_in_is_closed_after_the_idle_time(cluster, replicas, started):
+    gw = started(client_idle_seconds=1)
+    with socket.create_connection(("127.0.0.1", gw.settings.port)) as s:  # blocking: MSG_DONTWAIT peeks
+        started_at = time.monotonic()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+
+        def closed() -> bool:
+            try:
+                s.sendall(b"x")  # one byte at a time, well inside the idle time
+                time.sleep(0.2)
+                return s.recv(1, socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        wait_for(closed, timeout=10, what="the gateway to close a head that never ends")
+    assert time.monotonic() - started_at >= 1
+
+
 def test_pipelined_requests_are_answered_in_order(cluster, replicas, started):
     a = replica(replicas, "a")
     serve(cluster, "ns", "ep", "m", a)
