@@ -143,6 +143,7 @@ def protocol_class(limits: ConnectionLimits, metrics: Any = None) -> type[HttpTo
             self._in_head = False
             self._head_bytes = 0  # counted by the parser callbacks
             self._head_pending = 0  # fed while the head is incomplete
+            self._began_in_read = False  # a request began in the chunk being parsed
             self._rejected = False
             self._read_timer: asyncio.TimerHandle | None = None
             self._write_timer: asyncio.TimerHandle | None = None
@@ -165,6 +166,7 @@ def protocol_class(limits: ConnectionLimits, metrics: Any = None) -> type[HttpTo
             if self._rejected:
                 return
             self._unset_keepalive_if_required()
+            self._began_in_read = False
             try:
                 self.parser.feed_data(data)
             except _Rejected:
@@ -179,8 +181,10 @@ def protocol_class(limits: ConnectionLimits, metrics: Any = None) -> type[HttpTo
             except httptools.HttpParserUpgrade:
                 self._unsupported_upgrade_warning()  # no WebSockets here (ws="none")
                 return
-            if self._in_head:
-                # The head is still incomplete: all of this chunk was head.
+            if self._in_head and not self._began_in_read:
+                # The head is still incomplete and began before this chunk: all of it was head. (A
+                # head that began in this chunk may follow a body: its size is counted from the
+                # next chunk on, and as a whole by the callbacks.)
                 self._head_pending += len(data)
                 if self._head_pending > limits.max_header_bytes:
                     self._reject(headers_too_large(limits.max_header_bytes), "headers_too_large")
@@ -188,6 +192,7 @@ def protocol_class(limits: ConnectionLimits, metrics: Any = None) -> type[HttpTo
         # -- the head: size and time --------------------------------------------
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._began_in_read = True
             self._in_head = True
             self._head_bytes = self._head_pending = 0
             self._arm_read_timer()

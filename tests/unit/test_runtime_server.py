@@ -206,6 +206,18 @@ def test_oversized_headers_get_431(shape):
         assert read_response(ok)[0] == 200
 
 
+def test_a_body_read_together_with_the_next_requests_head_is_not_counted_as_head():
+    big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 20_000}]}).encode()
+    with serving(MAX_HEADER_BYTES="4096") as srv:
+        sock = connect(srv.port)
+        second = request()
+        sock.sendall(request(big) + second[:30])  # pipelined: one read holds a body and a head begun
+        time.sleep(0.3)
+        sock.sendall(second[30:])
+        assert read_response(sock)[0] == 200
+        assert read_response(sock)[0] == 200
+
+
 def test_connections_beyond_max_connections_get_503():
     with serving(MAX_CONNECTIONS="2", RETRY_AFTER_SECONDS="3") as srv:
         held = [connect(srv.port) for _ in range(2)]
