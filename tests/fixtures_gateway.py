@@ -235,6 +235,8 @@ class FakeReplica:
         self.hang = False
         self.unknown_models: set[str] = set()
         self.chunks = 3
+        self.chunk_padding = 0  # bytes added to each streamed chunk's content
+        self.chunks_written = 0
         self.delay = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -284,8 +286,10 @@ class FakeReplica:
                         return resp
                     chunk = {"id": f"{self.name}-{i}", "object": "chat.completion.chunk", "created": 1,
                              "model": obj.get("model"),
-                             "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+                             "choices": [{"index": 0, "delta": {"content": f"t{i} " + "p" * self.chunk_padding},
+                                          "finish_reason": None}]}
                     await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    self.chunks_written += 1
                     if self.delay:
                         await asyncio.sleep(self.delay)
                 await resp.write(b"data: [DONE]\n\n")

@@ -551,14 +551,12 @@ class Gateway:
                 return  # kept aside; maybe retried elsewhere
             if early:
                 if ex.status == 200:
+                    self._couple(resp, conn)
                     ex.set_sink(self._first_byte_sink(resp, ex, ctx))
                 return
             headers, length = self._response_headers(ex, replica)
             resp.start(ex.status, headers, length, cork=True)
-            client = resp.conn
-            client.paused_reader = conn.transport
-            if client.write_paused:
-                conn.transport.pause_reading()
+            self._couple(resp, conn)
             ex.set_sink(self._first_byte_sink(resp, ex, ctx))
 
         ex.on_head = on_head
@@ -611,6 +609,14 @@ class Gateway:
         else:
             conn.close()
         return None
+
+    @staticmethod
+    def _couple(resp: Responder, conn: UpstreamConnection) -> None:
+        """Back-pressure: while the client's socket is full, the replica's is not read."""
+        client = resp.conn
+        client.paused_reader = conn.transport
+        if client.write_paused:
+            conn.transport.pause_reading()
 
     def _first_byte_sink(self, resp: Responder, ex: Exchange, ctx: Ctx) -> Callable[[bytes], None]:
         write = resp.write

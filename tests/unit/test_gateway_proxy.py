@@ -782,6 +782,34 @@ def test_a_head_trickled_in_is_closed_after_the_idle_time(cluster, replicas, sta
     assert time.monotonic() - started_at >= 1
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["ready", "held"])
+def test_a_client_that_stops_reading_stops_the_replica_s_stream_too(cluster, replicas, started, held):
+    a = replica(replicas, "a")
+    # 65 MB: beyond what the kernel buffers on loopback (it autotunes a receive buffer up to 32 MB).
+    a.chunks, a.chunk_padding = 1000, 64 * 1024
+    if held:
+        serve(cluster, "ns", "ep", "m", autoscaling={"minReplicas": 0, "maxReplicas": 1})
+    else:
+        serve(cluster, "ns", "ep", "m", a)
+    gw = started()
+    body = json.dumps(chat("m", stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", gw.settings.port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        if held:
+            time.sleep(0.3)
+            cluster.put(pod_obj("ep-0", "ns", "ep", "127.0.0.1", a.port))
+        wait_for(lambda: a.chunks_written > 0, timeout=10, what="the stream to start")
+        time.sleep(2)  # nothing read: the sockets' buffers fill, then the replica has to wait
+        assert a.chunks_written < a.chunks, "the gateway read the whole stream into its memory"
+        stalled_at = a.chunks_written
+        received = 0
+        while chunk := s.recv(1 << 20):
+            received += len(chunk)
+    assert a.chunks_written == a.chunks and received > a.chunks * a.chunk_padding, stalled_at
+
+
 def test_pipelined_requests_are_answered_in_order(cluster, replicas, started):
     a = replica(replicas, "a")
     serve(cluster, "ns", "ep", "m", a)
