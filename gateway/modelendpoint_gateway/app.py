@@ -634,9 +634,10 @@ class Gateway:
             await ex.done
         except UpstreamError:
             # The answer had started: no retry. An SSE stream ends with an error event, as the
-            # runtime ends its own failed streams; anything else is cut, so the client sees it broken.
+            # runtime ends its own failed streams (unless its length was given: an event would not
+            # fit); anything else is cut, so the client sees it broken.
             ctype = next((v for k, v in ex.headers if k == b"content-type"), b"")
-            if b"text/event-stream" in ctype and not resp.client_gone:
+            if b"text/event-stream" in ctype and not resp.sized and not resp.client_gone:
                 resp.write(errors.upstream_broken().sse_event(ctx.dialect))
                 resp.end()
             else:

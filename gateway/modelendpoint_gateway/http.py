@@ -98,13 +98,14 @@ class Request:
 class Responder:
     """Writes one response to the client connection: head, body chunks, end."""
 
-    __slots__ = ("conn", "transport", "chunked", "started", "finished", "status", "close_after", "head_only",
-                 "first_byte_at", "bytes_out", "_raw", "_head")
+    __slots__ = ("conn", "transport", "chunked", "sized", "started", "finished", "status", "close_after",
+                 "head_only", "first_byte_at", "bytes_out", "_raw", "_head")
 
     def __init__(self, conn: ServerConnection, request: Request) -> None:
         self.conn = conn
         self.transport = conn.transport
         self.chunked = False
+        self.sized = False  # a content-length went out: nothing can be added to the body
         self.started = False
         self.finished = False
         self.status = 0
@@ -139,6 +140,7 @@ class Responder:
             # the start of the next response).
             self.head_only = True
         elif content_length is not None:
+            self.sized = True
             parts.append(b"content-length: %d\r\n" % content_length)
         elif self._raw:
             self.close_after = True

@@ -710,13 +710,17 @@ def test_interim_and_bodiless_answers_keep_both_connections_in_step(cluster, sta
         raw.stop()
 
 
-def test_a_reset_replica_cuts_its_close_delimited_answer_rather_than_ending_it(cluster, started):
-    raw = RawReplica([(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npartial", "reset")])
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npartial",  # ends when the connection does
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 999\r\n\r\ndata: {}\n\n",
+], ids=["close-delimited", "sized-events"])
+def test_a_reset_replica_cuts_its_answer_for_the_client_rather_than_ending_it(cluster, started, answer):
+    raw = RawReplica([(answer, "reset")])
     try:
         serve(cluster, "ns", "ep", "m", raw)
         gw = started()
         cut = (httpx.RemoteProtocolError, httpx.ReadError)  # not a clean end of "partial"
-        with httpx.Client(base_url=gw.url, timeout=10) as h, pytest.raises(cut):
+        with httpx.Client(base_url=gw.url, timeout=5) as h, pytest.raises(cut):
             h.post("/v1/chat/completions", json=chat("m"))
         assert gw.get("/healthz")[0] == 200
     finally:
