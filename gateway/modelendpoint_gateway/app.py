@@ -423,7 +423,7 @@ class Gateway:
             if k in drop:
                 continue
             if k == b"x-forwarded-for":
-                forwarded_for = v + b", "
+                forwarded_for += v + b", "  # several headers are one list, in order
                 continue
             parts += (k, b": ", v, b"\r\n")
         if req.peer:

@@ -734,11 +734,13 @@ def test_connection_listed_headers_and_trailers_are_not_forwarded(cluster, repli
     body = json.dumps(chat("m")).encode()
     out = _raw_request(gw.settings.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
                        b"connection: close, x-private\r\nx-private: 1\r\nx-kept: 2\r\n"
+                       b"x-forwarded-for: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n"
                        b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nx-trailer: 3\r\n\r\n"
                        % (len(body), body))
     assert out.startswith(b"HTTP/1.1 200"), out[:200]
-    headers = {k.lower() for k in a.requests[0]["headers"]}
+    headers = {k.lower(): v for k, v in a.requests[0]["headers"].items()}
     assert "x-kept" in headers and "x-private" not in headers and "x-trailer" not in headers
+    assert headers["x-forwarded-for"] == "10.0.0.1, 10.0.0.2, 127.0.0.1"  # both of the client's, then its peer
     assert a.requests[0]["body"] == body
 
 
