@@ -323,7 +323,7 @@ class Reconciler:
             if restoring:
                 log.info("%s was %s by someone else: restoring it", child, "deleted" if live is None else "changed")
                 metrics.CHILDREN_RESTORED.labels(kind).inc()
-            result = await self._apply_child(manifest, ep.uid)
+            result = await self._apply_child(manifest, ep.uid, known=live is not None)
             log.info("applied %s (generation %d of ModelEndpoint %s/%s)", child, ep.generation, ep.namespace, ep.name)
             if kind == "Deployment":
                 deployment = result
@@ -335,11 +335,19 @@ class Reconciler:
         except k8s.API_ERRORS as exc:
             raise _ApplyError(doing, exc) from None
 
-    async def _apply_child(self, manifest: dict[str, Any], owner_uid: str) -> dict[str, Any]:
+    async def _apply_child(self, manifest: dict[str, Any], owner_uid: str, known: bool = False) -> dict[str, Any]:
+        """Server-side apply one child. ``known``: it is among this ModelEndpoint's children already."""
         assert self.kube is not None
         kube = self.kube
         kind, name, ns = manifest["kind"], manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         doing = f"applying {kind} {name}"
+        if not known:
+            # An apply that conflicts with none of a same-named object's fields would adopt it: our
+            # labels and controller ownerReference added, and the garbage collector deleting it
+            # with the ModelEndpoint (a user's PVC and its data). Look first.
+            existing = await self._call(doing, kube.get(manifest["apiVersion"], kind, ns, name))
+            if existing is not None and not _ours(existing, owner_uid):
+                raise _name_in_use(kind, name)
         try:
             return await kube.apply(manifest, force=False)
         except ApiException as exc:
@@ -349,8 +357,7 @@ class Reconciler:
                 live = await self._call(doing, kube.get(manifest["apiVersion"], kind, ns, name))
                 if live is None or _ours(live, owner_uid):
                     return await self._call(doing, kube.apply(manifest, force=True))
-                raise SpecFailure("NameInUse", f"a {kind} named {name!r} already exists and is not "
-                                  "owned by this ModelEndpoint; rename one of them") from None
+                raise _name_in_use(kind, name) from None
             if exc.status == 422 and kind in RECREATABLE:
                 # A hand edit can leave list entries apply cannot take back (a Service port
                 # keyed by a changed port number, say); these children are cheap to
@@ -442,6 +449,11 @@ class _ApplyError(Exception):
         super().__init__(f"{doing}: {cause!r}")
         self.doing = doing
         self.cause = cause
+
+
+def _name_in_use(kind: str, name: str) -> SpecFailure:
+    return SpecFailure("NameInUse", f"a {kind} named {name!r} already exists and is not "
+                       "owned by this ModelEndpoint; rename one of them")
 
 
 def _controlled_by(obj: dict[str, Any], uid: str) -> bool:

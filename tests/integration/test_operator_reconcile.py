@@ -414,6 +414,24 @@ def test_kubectl_scale(kubectl: Kubectl, namespace: str) -> None:
     assert '"selector":"serving.modelendpoint.dev/endpoint=elastic"' in scale.replace(" ", "")
 
 
+def test_a_same_named_pvc_that_an_apply_would_not_conflict_with_is_not_adopted(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    # The same fields as the operator's own cache PVC: server-side apply alone would take it over
+    # (labels, controller ownerReference), and deleting the ModelEndpoint would delete the data.
+    kubectl.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": "keep-cache", "namespace": namespace},
+                   "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    kubectl.apply(mep("keep", namespace, model="m/keep", gpus=0, modelCache={"size": "1Gi"}))
+    obj = wait_phase(kubectl, namespace, "keep", "Failed")
+    assert "PersistentVolumeClaim named 'keep-cache' already exists" in obj["status"]["message"]
+    pvc = kubectl.get("persistentvolumeclaim", "keep-cache", namespace)
+    assert not pvc["metadata"].get("ownerReferences") and not kubectl.get("deployment", "keep", namespace)
+    kubectl("delete", "mep", "keep", "-n", namespace)
+    wait_for(lambda: kubectl.get("mep", "keep", namespace) is None, timeout=30, what="the ModelEndpoint gone")
+    assert kubectl.get("persistentvolumeclaim", "keep-cache", namespace) is not None
+
+
 def test_a_name_taken_by_someone_elses_object_fails_without_taking_it(
     kubectl: Kubectl, namespace: str
 ) -> None:

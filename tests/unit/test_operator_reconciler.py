@@ -231,6 +231,22 @@ def test_a_name_in_use_fails_and_starts_no_pods(taken: str, applied: list[str]) 
     assert kube.events[-1] == ("Warning", "Failed")
 
 
+@pytest.mark.parametrize("taken", ["Service", "PersistentVolumeClaim"])
+def test_a_same_named_object_whose_fields_do_not_conflict_is_not_adopted(taken: str) -> None:
+    # Server-side apply would succeed (no field of it conflicts) and add our ownerReference: the
+    # garbage collector would then delete the user's object with the ModelEndpoint.
+    owner = _owner(modelCache={"size": "1Gi"})
+    name = "llm-cache" if taken == "PersistentVolumeClaim" else "llm"
+    foreign = {"kind": taken, "metadata": {"name": name, "managedFields": [{"manager": "kubectl-create"}]}}
+    kube = FakeKube(live={(taken, name): foreign})
+    with pytest.raises(kopf.PermanentError):
+        run(state(kube, owner).reconcile(KEY))
+    assert taken not in [k for k, _ in kube.applied] and "Deployment" not in [k for k, _ in kube.applied]
+    status = kube.status[-1]
+    assert status["phase"] == "Failed"
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Degraded"] == "NameInUse"
+
+
 # --- deleting only what we own (issue 13, item 9) ------------------------------------
 
 
