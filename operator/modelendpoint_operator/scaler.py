@@ -143,7 +143,7 @@ class Scaler:
             if last_active is not None:
                 history.last_active = self.clock() - max(0.0, (self.wallclock() - last_active).total_seconds())
             track = self.tracks[ep.key] = Track(history, int(desired), float(saved.get("load") or 0.0),
-                                                saved.get("lastScaleTime"))
+                                                saved.get("lastScaleTime"), str(saved.get("message") or ""))
         return track
 
     def replicas(self, ep: Endpoint, deployment: dict[str, Any] | None) -> int:

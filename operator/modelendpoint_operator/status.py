@@ -278,9 +278,13 @@ def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch turning ``old`` into ``new`` (null for fields to drop)."""
+    """A merge patch turning ``old`` into ``new`` (null for fields to drop, at any depth: a merge
+    patch merges nested objects, so a key gone from ``status.autoscaling`` must be nulled too, or it
+    stays, and the status never equals what the operator computes)."""
     patch = dict(new)
-    for key in (old or {}):
+    for key, was in (old or {}).items():
         if key not in new:
             patch[key] = None
+        elif isinstance(was, dict) and isinstance(new[key], dict):
+            patch[key] = status_patch(was, new[key])
     return patch

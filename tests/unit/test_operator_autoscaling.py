@@ -179,6 +179,17 @@ def test_a_restarted_operator_goes_on_from_the_status() -> None:
     assert fresh.replicas(_endpoint(), {"spec": {"replicas": 2}}) == 2  # no status yet: the Deployment's
 
 
+def test_a_restarted_operator_writes_back_the_autoscaling_status_it_read() -> None:
+    # Otherwise every reconcile after a restart would patch the status (an event, a reconcile,
+    # a patch...) until the next decision.
+    saved = {"desiredReplicas": 2, "load": 3.5, "lastScaleTime": "2026-12-01T11:58:00Z",
+             "lastActiveTime": "2026-12-01T11:59:00Z", "message": "scaled 1 -> 2: load 7.0 over target 4"}
+    scaler = _scaler(Clock(), [])
+    ep = _endpoint({"autoscaling": saved})
+    scaler.replicas(ep, {"spec": {"replicas": 2}})
+    assert scaler.status(ep) == saved
+
+
 def test_a_fresh_held_annotation_wakes_a_zero_endpoint_at_once() -> None:
     events: list = []
     clock = Clock()

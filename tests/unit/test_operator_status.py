@@ -223,6 +223,13 @@ def test_status_patch_drops_fields_that_went_away() -> None:
     assert patch["externalURL"] is None and patch["phase"] == "Ready"
 
 
+def test_status_patch_drops_nested_fields_that_went_away() -> None:
+    old = {"phase": "Ready", "autoscaling": {"desiredReplicas": 1, "message": "scaled up", "load": 2.0}}
+    new = {"phase": "Ready", "autoscaling": {"desiredReplicas": 1, "load": 2.0}}
+    patch = st.status_patch(old, new)
+    assert patch == {"phase": "Ready", "autoscaling": {"desiredReplicas": 1, "load": 2.0, "message": None}}
+
+
 def test_observed_generation_is_the_applied_one_until_the_new_spec_is_applied() -> None:
     ready = deployment(replicas=2)
     # Generation 2 is in the object, but only generation 1's children are applied.
