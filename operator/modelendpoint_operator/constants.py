@@ -74,6 +74,10 @@ RUNTIME_UID = 10001
 RUNTIME_GID = 10001
 
 ANNOTATION_PREFIX = GROUP
+# On each child: a digest of the manifest the operator last applied. A field dropped from the
+# spec leaves nothing missing from the live child (that check only catches what others
+# changed), so this is what says the child is out of date and must be applied again.
+APPLIED_DIGEST_ANNOTATION = f"{GROUP}/applied-digest"
 
 # Runtime variables the operator always sets from the ModelEndpoint's own fields: the
 # CRD refuses them in spec.env (a user value would break routing, auth or the probes).

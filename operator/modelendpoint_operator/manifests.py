@@ -8,6 +8,7 @@ the applied configuration is stable: applying it again changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from typing import Any
@@ -390,14 +391,23 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
 
 def children(ep: Endpoint, settings: OperatorSettings,
              replicas: int | None = None) -> dict[str, dict[str, Any] | None]:
-    """Kind -> desired manifest, or None for a kind this spec must not have."""
-    return {
+    """Kind -> desired manifest, or None for a kind this spec must not have; each with its digest."""
+    out = {
         "Service": service(ep, settings),
         "Ingress": ingress(ep, settings),
         "PersistentVolumeClaim": pvc(ep, settings),
         "ConfigMap": adapters_config_map(ep, settings),
         "Deployment": deployment(ep, settings, replicas),
     }
+    return {kind: None if m is None else with_digest(m) for kind, m in out.items()}
+
+
+def with_digest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with :data:`~constants.APPLIED_DIGEST_ANNOTATION`: the digest of everything else in it."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    meta = manifest["metadata"]
+    return {**manifest, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}),
+                                                             c.APPLIED_DIGEST_ANNOTATION: digest[:32]}}}
 
 
 def urls(ep: Endpoint, settings: OperatorSettings) -> tuple[str, str | None]:

@@ -414,6 +414,19 @@ def test_kubectl_scale(kubectl: Kubectl, namespace: str) -> None:
     assert '"selector":"serving.modelendpoint.dev/endpoint=elastic"' in scale.replace(" ", "")
 
 
+def test_a_field_dropped_from_the_spec_goes_from_the_child(kubectl: Kubectl, namespace: str) -> None:
+    ingress = {"enabled": True, "host": "drop.example.com"}
+    kubectl.apply(mep("drop", namespace, model="m/drop", gpus=0, allowUnauthenticated=True,
+                      ingress={**ingress, "annotations": {"example.com/auth": "on"}}))
+    wait_for(lambda: "example.com/auth" in (((kubectl.get("ingress", "drop", namespace) or {})
+                                             .get("metadata") or {}).get("annotations") or {}),
+             timeout=30, what="the Ingress with the annotation")
+    kubectl.apply(mep("drop", namespace, model="m/drop", gpus=0, allowUnauthenticated=True, ingress=ingress))
+    wait_for(lambda: "example.com/auth" not in (kubectl.get("ingress", "drop", namespace)["metadata"]
+                                                .get("annotations") or {}),
+             timeout=30, what="the annotation gone from the Ingress")
+
+
 def test_a_same_named_pvc_that_an_apply_would_not_conflict_with_is_not_adopted(
     kubectl: Kubectl, namespace: str
 ) -> None:

@@ -184,6 +184,26 @@ def test_a_converged_endpoint_costs_no_request() -> None:
     assert kube.applied == [] and kube.status == [written] and kube.deleted == []
 
 
+@pytest.mark.parametrize(("kind", "before", "after"), [
+    ("Deployment", {"nodeSelector": {"pool": "a100"}}, {}),
+    ("Ingress", {"ingress": {"enabled": True, "host": "llm.example.com", "annotations": {"auth": "on"}},
+                 "allowUnauthenticated": True},
+     {"ingress": {"enabled": True, "host": "llm.example.com"}, "allowUnauthenticated": True}),
+])
+def test_a_field_dropped_from_the_spec_is_applied_away(kind: str, before: dict, after: dict) -> None:
+    # The live child still has everything the new manifest sets: only the digest says it is stale.
+    kube = FakeKube()
+    run(state(kube, _owner(**before)).reconcile(KEY))
+    children = live_children(kube)
+    kube.applied.clear()
+    changed = _owner(generation=2, status=kube.status[-1], **after)
+    run(state(kube, changed, children=children).reconcile(KEY))
+    assert (kind, False) in kube.applied
+    applied = kube.live[(kind, "llm")]
+    assert "nodeSelector" not in applied["spec"]["template"]["spec"] if kind == "Deployment" else \
+        "auth" not in applied["metadata"]["annotations"]
+
+
 def test_a_hand_edited_or_deleted_child_is_restored_and_counted() -> None:
     kube = FakeKube()
     owner = _owner()
