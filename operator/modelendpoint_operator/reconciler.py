@@ -305,7 +305,8 @@ class Reconciler:
             manifest = desired[kind]
             stale = [x for x in views.children_of(ep.key, kind)
                      if _controlled_by(x, ep.uid) and (manifest is None or x["metadata"]["name"] !=
-                                                        manifest["metadata"]["name"])]
+                                                        manifest["metadata"]["name"])
+                     and not _mounted_by_name(ep, kind, x["metadata"]["name"])]
             live = views.child(ep.key, kind, manifest["metadata"]["name"]) if manifest else None
             plan.append((api_version, kind, manifest, live, stale))
         if any(m is not None and manifests.needs_apply(m, live) for _, _, m, live, _ in plan):
@@ -449,6 +450,12 @@ class _ApplyError(Exception):
         super().__init__(f"{doing}: {cause!r}")
         self.doing = doing
         self.cause = cause
+
+
+def _mounted_by_name(ep: Endpoint, kind: str, name: str) -> bool:
+    """Our former cache PVC, now named in ``modelCache.claimName`` (to keep it): not stale."""
+    cache = ep.spec.model_cache
+    return kind == "PersistentVolumeClaim" and cache is not None and cache.claim_name == name
 
 
 def _name_in_use(kind: str, name: str) -> SpecFailure:

@@ -270,6 +270,17 @@ def test_a_same_named_object_whose_fields_do_not_conflict_is_not_adopted(taken: 
 # --- deleting only what we own (issue 13, item 9) ------------------------------------
 
 
+def test_the_cache_pvc_named_in_claim_name_is_kept() -> None:
+    kube = FakeKube()
+    run(state(kube, _owner(modelCache={"size": "1Gi"})).reconcile(KEY))
+    children = live_children(kube)
+    kept = _owner(generation=2, status=kube.status[-1], modelCache={"claimName": "llm-cache"})
+    run(state(kube, kept, children=children).reconcile(KEY))
+    assert ("PersistentVolumeClaim", "llm-cache") not in kube.deleted
+    run(state(kube, _owner(generation=3, status=kube.status[-1]), children=children).reconcile(KEY))
+    assert ("PersistentVolumeClaim", "llm-cache") in kube.deleted  # no longer wanted at all
+
+
 def test_only_children_this_endpoint_controls_are_deleted() -> None:
     kube = FakeKube()
     with_ingress = _owner(ingress={"enabled": True}, allowUnauthenticated=True, modelCache={"size": "1Gi"})
