@@ -262,6 +262,8 @@ class Reconciler:
         previous = self.freshest_status(ep, body)
         replicas = self.scaler.replicas(ep, views.deployment(key)) if (
             ep.spec.autoscaling is not None and self.scaler is not None) else None
+        if ep.spec.autoscaling is None and self.scaler is not None:
+            self.scaler.forget_track(key)
         failure: st.Failure | None = None
         retry: kopf.TemporaryError | None = None
         applied_deployment: dict[str, Any] | None = None

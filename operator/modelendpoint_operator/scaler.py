@@ -180,7 +180,13 @@ class Scaler:
         return out
 
     def forget(self, key: Key) -> None:
+        """The ModelEndpoint is gone."""
         self.adapters.pop(key, None)
+        self.forget_track(key)
+
+    def forget_track(self, key: Key) -> None:
+        """Autoscaling is off for ``key``: if it comes back on, it starts from what is then running
+        (the Deployment), not from the count it decided before."""
         if self.tracks.pop(key, None) is not None:
             for gauge in (metrics.AUTOSCALER_LOAD, metrics.AUTOSCALER_DESIRED, metrics.AUTOSCALER_CURRENT):
                 try:

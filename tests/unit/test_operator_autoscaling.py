@@ -179,6 +179,14 @@ def test_a_restarted_operator_goes_on_from_the_status() -> None:
     assert fresh.replicas(_endpoint(), {"spec": {"replicas": 2}}) == 2  # no status yet: the Deployment's
 
 
+def test_autoscaling_turned_back_on_starts_from_the_deployment_not_its_old_count() -> None:
+    scaler = _scaler(Clock(), [])
+    ep = _endpoint({"autoscaling": {"desiredReplicas": 1}})
+    assert scaler.replicas(ep, {"spec": {"replicas": 1}}) == 1
+    scaler.forget_track(ep.key)  # autoscaling off; someone runs replicas: 3 meanwhile
+    assert scaler.replicas(_endpoint(), {"spec": {"replicas": 3}}) == 3
+
+
 def test_a_restarted_operator_writes_back_the_autoscaling_status_it_read() -> None:
     # Otherwise every reconcile after a restart would patch the status (an event, a reconcile,
     # a patch...) until the next decision.

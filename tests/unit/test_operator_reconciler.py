@@ -21,6 +21,7 @@ from kubernetes.aio.client.exceptions import ApiException
 from modelendpoint_operator import handlers as h
 from modelendpoint_operator import k8s, manifests, metrics
 from modelendpoint_operator import reconciler as r
+from modelendpoint_operator.scaler import Scaler
 from modelendpoint_operator.settings import load_settings
 
 SETTINGS = load_settings({})
@@ -265,6 +266,17 @@ def test_a_same_named_object_whose_fields_do_not_conflict_is_not_adopted(taken: 
     status = kube.status[-1]
     assert status["phase"] == "Failed"
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Degraded"] == "NameInUse"
+
+
+def test_autoscaling_switched_off_drops_what_the_autoscaler_decided() -> None:
+    kube = FakeKube()
+    rec = state(kube, _owner(autoscaling={"minReplicas": 1, "maxReplicas": 3}))
+    rec.scaler = Scaler(lambda key, why: None, lambda ep, *args: None, interval=5, max_scrapes=1)
+    run(rec.reconcile(KEY))
+    assert KEY in rec.scaler.tracks
+    rec.views = views(_owner(generation=2, status=kube.status[-1], replicas=3), live_children(kube))
+    run(rec.reconcile(KEY))
+    assert KEY not in rec.scaler.tracks  # turned on again later, it starts from the Deployment's count
 
 
 # --- deleting only what we own (issue 13, item 9) ------------------------------------
