@@ -74,6 +74,11 @@ RUNTIME_UID = 10001
 RUNTIME_GID = 10001
 
 ANNOTATION_PREFIX = GROUP
+# Failed for want of another object (a Secret or key not there yet, a child's name taken by
+# someone else's object): neither is watched, so the ModelEndpoint is looked at again this
+# often until it is fixed (or at once, on any change of it).
+FAILED_RECHECK_SECONDS = 30
+RECHECKED_FAILURES = frozenset({"SecretNotFound", "SecretKeyNotFound", "NameInUse"})
 # On each child: a digest of the manifest the operator last applied. A field dropped from the
 # spec leaves nothing missing from the live child (that check only catches what others
 # changed), so this is what says the child is out of date and must be applied again.

@@ -292,6 +292,8 @@ class Reconciler:
         if retry is not None:
             raise retry
         if failure is not None and failure.phase == "Failed":
+            if failure.reason in c.RECHECKED_FAILURES:
+                raise kopf.TemporaryError(failure.message, delay=c.FAILED_RECHECK_SECONDS)
             raise kopf.PermanentError(failure.message)
 
     async def _apply_children(self, ep: Endpoint, desired: dict[str, dict[str, Any] | None], views: Views,

@@ -245,7 +245,7 @@ def test_a_name_in_use_fails_and_starts_no_pods(taken: str, applied: list[str]) 
     foreign = {"kind": taken, "metadata": {"name": name, "managedFields": [{"manager": "kubectl-create"}]}}
     kube = FakeKube(live={(taken, name): foreign})
     kube.fail[("apply", taken)] = _api_error(409, "conflict")
-    with pytest.raises(kopf.PermanentError):
+    with pytest.raises(kopf.TemporaryError):
         run(state(kube, owner).reconcile(KEY))
     assert [k for k, _ in kube.applied] == applied  # the Deployment (pods, GPUs) comes last
     assert kube.status[-1]["phase"] == "Failed"
@@ -260,7 +260,7 @@ def test_a_same_named_object_whose_fields_do_not_conflict_is_not_adopted(taken: 
     name = "llm-cache" if taken == "PersistentVolumeClaim" else "llm"
     foreign = {"kind": taken, "metadata": {"name": name, "managedFields": [{"manager": "kubectl-create"}]}}
     kube = FakeKube(live={(taken, name): foreign})
-    with pytest.raises(kopf.PermanentError):
+    with pytest.raises(kopf.TemporaryError):
         run(state(kube, owner).reconcile(KEY))
     assert taken not in [k for k, _ in kube.applied] and "Deployment" not in [k for k, _ in kube.applied]
     status = kube.status[-1]
@@ -319,17 +319,18 @@ def test_only_children_this_endpoint_controls_are_deleted() -> None:
 def test_a_missing_secret_fails_before_any_child_is_applied() -> None:
     kube = FakeKube()
     owner = _owner(apiKeySecretRef={"name": "keys", "key": "api"})
-    with pytest.raises(kopf.PermanentError):
+    with pytest.raises(kopf.TemporaryError) as waiting:  # looked at again, as the Secret is not watched
         run(state(kube, owner).reconcile(KEY))
+    assert waiting.value.delay == 30
     assert kube.applied == [] and kube.status[-1]["phase"] == "Failed"
     assert "spec.apiKeySecretRef" in kube.status[-1]["message"]
     # Again (our own status write is an event too): the same verdict, nothing written.
     failed = {**owner, "status": kube.status[-1]}
     writes = len(kube.status)
-    with pytest.raises(kopf.PermanentError):
+    with pytest.raises(kopf.TemporaryError):
         run(state(kube, failed).reconcile(KEY))
     assert len(kube.status) == writes and kube.applied == []
-    # The Secret created, the object touched (any event): it recovers.
+    # The Secret created: the next look (the recheck, or any event) recovers.
     kube.live[("Secret", "keys")] = {"data": {"api": "eA=="}}
     run(state(kube, failed).reconcile(KEY))
     assert ("Deployment", False) in kube.applied and kube.status[-1]["phase"] != "Failed"
