@@ -375,9 +375,12 @@ class ModelEndpointSpec(ApiModel):
                                                     "0 runs without a GPU (and without the GPU toleration).")
     gpu_resource_name: str = Field(
         "nvidia.com/gpu", max_length=253,
-        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        # An extended resource: a domain-qualified name (a bare "gpu" is no resource the kubelet
+        # knows, and "memory" or "cpu" would replace the container's own limit with the GPU count).
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/"
                 r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
-        description="Extended resource name of the GPU device plugin.")
+        description="Extended resource name of the GPU device plugin (domain-qualified, e.g. nvidia.com/gpu, "
+                    "amd.com/gpu).")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine options.",
                                json_schema_extra=k8s(default={}))
     image: str | None = Field(None, min_length=1, max_length=1024,

@@ -21,6 +21,8 @@ CASES = [
     ("empty-model", {"model": ""}, "spec.model", ""),
     ("negative-replicas", {"replicas": -1}, "spec.replicas", ""),
     ("negative-gpus", {"gpus": -2}, "spec.gpus", ""),
+    ("gpu-resource-bare", {"gpuResourceName": "gpu"}, "spec.gpuResourceName", ""),
+    ("gpu-resource-memory", {"gpuResourceName": "memory"}, "spec.gpuResourceName", ""),
     ("gpus-not-integer", {"gpus": "two"}, "spec.gpus", ""),
     ("dtype-enum", {"engine": {"dtype": "int3"}}, "spec.engine.dtype", "supported values"),
     ("gpu-mem-zero", {"engine": {"gpuMemoryUtilization": 0}}, "spec.engine.gpuMemoryUtilization",
