@@ -45,7 +45,6 @@ HOP_BY_HOP = frozenset({
 })
 
 
-
 def hop_by_hop(headers: Headers) -> frozenset[bytes]:
     """The names not forwarded: the fixed ones, and those a ``Connection`` header lists (RFC 9110 7.6.1)."""
     listed = [t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")]
