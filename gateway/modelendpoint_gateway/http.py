@@ -54,6 +54,7 @@ def hop_by_hop(headers: Headers) -> frozenset[bytes]:
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def status_line(status: int, version: bytes = b"1.1") -> bytes:
@@ -505,7 +506,7 @@ class ServerConnection(asyncio.Protocol):
                 raise BodyTooLarge()
         if (req.header(b"expect") or "").lower() == "100-continue" and req.version != "1.0":
             if self.current is None and not self.queue:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.transport.write(_CONTINUE)
             else:
                 # Not inside the answer being written: after it (response_done).
                 self._continue_owed = True
@@ -600,7 +601,7 @@ class ServerConnection(asyncio.Protocol):
             return
         if self._continue_owed and not self.queue:
             self._continue_owed = False
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.transport.write(_CONTINUE)
         if self.queue:
             self.loop.call_soon(self._next)
 
