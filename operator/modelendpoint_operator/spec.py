@@ -38,6 +38,8 @@ Quantity = Annotated[
     Field(pattern=QUANTITY_PATTERN),
     WithJsonSchema({"x-kubernetes-int-or-string": True, "minimum": 0, "pattern": QUANTITY_PATTERN}),
 ]
+# A quantity of the pattern above that is zero ("0", "0Gi", "0.0", ".0e3").
+ZERO_QUANTITY_PATTERN = r"^(0+(\.0*)?|\.0+)(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?[0-9.]+))?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 Int32 = Annotated[int, Field(json_schema_extra={"format": "int32"})]
 
@@ -263,6 +265,10 @@ class ModelCacheSpec(ApiModel):
             "FieldValueForbidden"),
         cel("!has(self.accessMode) || has(self.size)",
             "modelCache.accessMode applies only with modelCache.size", ".accessMode", "FieldValueForbidden"),
+        # QUANTITY_PATTERN admits zero; a PVC of size zero is refused later by the API server,
+        # naming the PVC's field instead of this one.
+        cel("!has(self.size) || !string(self.size).matches(" + repr(ZERO_QUANTITY_PATTERN) + ")",
+            "modelCache.size must be more than zero", ".size"),
     ]}))
 
 
@@ -450,8 +456,10 @@ class ModelEndpointSpec(ApiModel):
                                               json_schema_extra=k8s(default={}))
 
     model_config = ConfigDict(json_schema_extra=k8s(**{"x-kubernetes-validations": [
-        cel("!has(self.engine.tensorParallelSize) || self.engine.tensorParallelSize <= self.gpus",
-            "engine.tensorParallelSize must be at most gpus (the GPUs of one replica)",
+        # Without GPUs a replica is one CPU engine: tensorParallelSize 1 (the runtime's default) is fine.
+        cel("!has(self.engine.tensorParallelSize) || "
+            "self.engine.tensorParallelSize <= (self.gpus > 0 ? self.gpus : 1)",
+            "engine.tensorParallelSize must be at most gpus (the GPUs of one replica), or 1 without GPUs",
             ".engine.tensorParallelSize"),
         cel("!(self.ingress.enabled || self.service.type in ['LoadBalancer', 'NodePort']) || "
             "has(self.apiKeySecretRef) || self.allowUnauthenticated",

@@ -33,6 +33,8 @@ CASES = [
      "spec.engine.tensorParallelSize", "at most gpus"),
     ("tp-with-default-gpus", {"engine": {"tensorParallelSize": 2}},
      "spec.engine.tensorParallelSize", "at most gpus"),
+    ("tp-above-one-without-gpus", {"gpus": 0, "engine": {"tensorParallelSize": 2}},
+     "spec.engine.tensorParallelSize", "or 1 without GPUs"),
     ("max-model-len-zero", {"engine": {"maxModelLen": 0}}, "spec.engine.maxModelLen", ""),
     ("extra-args-not-strings", {"engine": {"extraArgs": [{"a": 1}]}}, "spec.engine.extraArgs", ""),
     ("pull-policy-enum", {"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy", ""),
@@ -52,6 +54,9 @@ CASES = [
     ("shm-negative", {"shmSize": "-1Gi"}, "spec.shmSize", ""),
     ("shm-negative-integer", {"shmSize": -1}, "spec.shmSize", ""),
     ("cache-size-negative", {"modelCache": {"size": "-5Gi"}}, "spec.modelCache.size", ""),
+    ("cache-size-zero", {"modelCache": {"size": "0Gi"}}, "spec.modelCache.size", "more than zero"),
+    ("cache-size-zero-integer", {"modelCache": {"size": 0}}, "spec.modelCache.size", "more than zero"),
+    ("cache-size-zero-exponent", {"modelCache": {"size": "0.0e3"}}, "spec.modelCache.size", "more than zero"),
     ("cpu-request-negative", {"resources": {"requests": {"cpu": "-1"}}},
      "spec.resources.requests.cpu", ""),
     ("memory-limit-negative", {"resources": {"limits": {"memory": "-1Gi"}}},
@@ -186,6 +191,12 @@ def test_valid_objects_are_accepted_with_defaults(kubectl: Kubectl, mep_crds) ->
         "meanLoadPercentage": 125, "replication": 256, "prefixCharLength": 100}}
     # CPU-only endpoints are valid (gpus: 0).
     proc = _create(kubectl, mep("cpu", "default", model="org/m", gpus=0))
+    assert proc.returncode == 0, proc.stderr
+    # ... with tensorParallelSize 1 said explicitly, and a cache of a small positive size.
+    proc = _create(kubectl, mep("cpu-tp", "default", model="org/m", gpus=0, engine={"tensorParallelSize": 1},
+                                modelCache={"size": "0.5Gi"}))
+    assert proc.returncode == 0, proc.stderr
+    proc = _create(kubectl, mep("cache-int", "default", model="org/m", modelCache={"size": 1073741824}))
     assert proc.returncode == 0, proc.stderr
     # Published without a key, said explicitly.
     proc = _create(kubectl, mep("open", "default", model="org/m", allowUnauthenticated=True,
