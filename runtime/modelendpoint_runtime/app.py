@@ -470,9 +470,23 @@ async def _load(runtime: Runtime, starter: Callable[[], Awaitable[Any]]) -> None
         if not runtime.admission.draining:
             runtime.metrics.ready.set(1)
         load_s = round(time.perf_counter() - started, 1)
+        log_sampling_defaults(engine)
         log.info("ready", extra={"fields": {"model": runtime.served, "load_s": load_s}})
         return
     runtime.on_fatal()
+
+
+def log_sampling_defaults(engine: Any) -> None:
+    """The defaults an omitted sampling parameter gets, as vLLM's serving classes apply them.
+
+    vLLM logs them only when they come from a generation_config.json, not in the
+    runtime's default mode (GENERATION_CONFIG=vllm plus the guide's overrides).
+    """
+    model_config = getattr(engine.client, "model_config", None)
+    if model_config is None:
+        return
+    log.info("sampling defaults", extra={"fields": {
+        "defaults": model_config.get_diff_sampling_param(), "generation_config": model_config.generation_config}})
 
 
 def _endpoint_error(runtime: Runtime, request: Request) -> APIError | None:

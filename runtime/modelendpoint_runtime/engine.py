@@ -179,6 +179,10 @@ def _bad_variable(parser: argparse.ArgumentParser, env: EnvArgs, message: str) -
     return ConfigError(f"invalid engine options: {one_line(message)}")
 
 
+# vLLM's --generation-config value for "vLLM's neutral defaults" (plus --override-generation-config).
+GUIDE_GENERATION_CONFIG = "vllm"
+
+
 def engine_args(
     environ: Mapping[str, str], settings: RuntimeSettings, parser: argparse.ArgumentParser | None = None
 ) -> EngineArgs:
@@ -236,6 +240,11 @@ def engine_args(
     if "override_generation_config" in extra_dests:
         user.update(extra_args.override_generation_config or {})
     args.override_generation_config = generation_overrides(settings, user)
+    if "generation_config" not in sources:
+        # The guide's tables are the defaults of omitted sampling parameters, whatever the
+        # model's generation_config.json suggests (vLLM's "auto"); vLLM still reads that file
+        # for the model's special tokens. GENERATION_CONFIG=auto gives the model's back.
+        args.generation_config = GUIDE_GENERATION_CONFIG
     if settings.adapters_file is not None and not getattr(args, "enable_lora", False):
         raise ConfigError(
             f"invalid ADAPTERS_FILE={settings.adapters_file!r}: LoRA adapters need ENABLE_LORA=true "

@@ -7,6 +7,8 @@ exact; small ``max_tokens`` keeps the CPU engine quick.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conformance import NO, PY, YES, Row
@@ -270,10 +272,13 @@ def test_omitted_temperature_defaults_to_the_guides_0_7(c, runtime_server):
         assert default == c(seed=seed, temperature=0.7, **kw).choices[0].text, seed
         differs = differs or default != c(seed=seed, temperature=1.0, **kw).choices[0].text
     assert differs  # otherwise the comparison could not tell 0.7 from 1.0
-    # vLLM reports the defaults its serving layer applies, LIMIT_MAX_TOKENS as
-    # the default max_tokens among them (the cap holds when max_tokens is omitted).
-    (line,) = {ln for ln in runtime_server.log_text().splitlines() if "Default vLLM sampling parameters" in ln}
-    assert "'temperature': 0.7" in line and "'max_tokens': 1024" in line, line
+    # The runtime logs the defaults vLLM's serving layer applies, LIMIT_MAX_TOKENS as
+    # the default max_tokens among them (the cap holds when max_tokens is omitted), and
+    # nothing from the model's generation_config.json (vLLM's --generation-config vllm).
+    (line,) = {ln for ln in runtime_server.log_text().splitlines() if '"sampling defaults"' in ln}
+    fields = json.loads(line)
+    assert fields["defaults"] == {"temperature": 0.7, "max_tokens": 1024}, line
+    assert fields["generation_config"] == "vllm", line
 
 
 def _greedy(chat, **kw):

@@ -294,6 +294,14 @@ def test_override_generation_config_merges_from_the_variable_and_vllm_extra_args
     assert capped.args.override_generation_config["max_new_tokens"] == 300
 
 
+def test_omitted_sampling_parameters_default_to_the_guides_tables_not_the_models_file(parser):
+    # vLLM's "auto" would take top_p, top_k, penalties ... from generation_config.json.
+    assert parse(parser).args.generation_config == "vllm"
+    assert parse(parser, GENERATION_CONFIG="auto").args.generation_config == "auto"
+    assert parse(parser, VLLM_EXTRA_ARGS="--generation-config auto").args.generation_config == "auto"
+    assert parse(parser, GENERATION_CONFIG="/models/gen").args.generation_config == "/models/gen"
+
+
 # errors at model load, and the start-up log line -----------------------------------
 
 
