@@ -214,24 +214,28 @@ def compute_status(
     autoscaler's count; default spec.replicas). ``applied_generation``: the spec
     generation whose children were last applied successfully (None: the current one, as
     after a successful reconcile). Until the current generation is applied, the status
-    says Progressing and reports that older generation as ``observedGeneration``: clients
-    waiting for ``observedGeneration == metadata.generation`` must not see a status
-    computed from children of an older spec. A Failed verdict is about the current
-    generation.
+    says Progressing (or Degraded, when applying it was refused) and reports that older
+    generation as ``observedGeneration``: clients waiting for ``observedGeneration ==
+    metadata.generation`` must not see a Ready computed from children of an older spec.
+    A Failed verdict is about the current generation.
     """
     now = now or _now()
     current = ep.generation
-    generation = current if applied_generation is None or failure is not None else min(
-        int(applied_generation), current)
+    failed = failure is not None and failure.phase == "Failed"
+    generation = current if applied_generation is None or failed else min(int(applied_generation), current)
     previous = ep.status if previous is None else previous
     old_conditions = previous.get("conditions") or []
     desired = ep.spec.replicas if desired is None else desired
     a = assess(ep, deployment, pods, failure, desired)
     if generation < current:
-        # The new spec's children are not applied yet (its reconcile is running or retrying).
-        a = Assessment("Progressing", "Reconciling",
-                       f"applying generation {current} (children are at generation {generation})",
-                       a.ready)
+        behind = f"generation {current} is not applied (children are at generation {generation})"
+        if failure is None:
+            # The new spec's children are not applied yet (its reconcile is running or retrying).
+            a = Assessment("Progressing", "Reconciling", f"applying generation {current} (children are at "
+                                                         f"generation {generation})", a.ready)
+        else:
+            # Refused (a 403, retried): the older generation's replicas may well serve on.
+            a = Assessment(a.phase, a.reason, f"{a.message}; {behind}", a.ready)
     st = (deployment or {}).get("status") or {}
     ready_replicas = int(st.get("readyReplicas") or 0)
     url, external = manifests.urls(ep, settings)

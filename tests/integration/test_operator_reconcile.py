@@ -510,3 +510,24 @@ def test_a_refused_child_is_degraded_with_the_api_servers_message(kubectl: Kubec
     # Retried with backoff (at most a minute apart): the Ingress comes, the phase leaves Degraded.
     wait_for(lambda: kubectl.get("ingress", "quota", namespace), timeout=90, what="the Ingress after the quota went")
     wait_phase(kubectl, namespace, "quota", "Ready", timeout=90)
+    # Refused on a later generation (the adapters' ConfigMap, applied before the Deployment):
+    # Degraded, while the status stays about generation 1, whose replicas still serve. Ready is
+    # never claimed for generation 2, whose children are not applied.
+    kubectl.apply({"apiVersion": "v1", "kind": "ResourceQuota",
+                   "metadata": {"name": "no-config-maps", "namespace": namespace},
+                   "spec": {"hard": {"count/configmaps": "0"}}})
+    wait_for(lambda: (kubectl.get("resourcequota", "no-config-maps", namespace) or {}).get("status", {}).get("hard"),
+             timeout=30, what="the quota to be in force")
+    kubectl("patch", "mep", "quota", "-n", namespace, "--type=merge", "-p",
+            '{"spec": {"adapters": [{"name": "sql", "source": "org/sql-lora"}]}}')
+    obj = wait_phase(kubectl, namespace, "quota", "Degraded", timeout=60, generation=1)
+    assert obj["metadata"]["generation"] == 2
+    assert "generation 2 is not applied" in obj["status"]["message"], obj["status"]["message"]
+    conditions = {c["type"]: c for c in obj["status"]["conditions"]}
+    assert conditions["Degraded"]["reason"] == "Forbidden"
+    assert (conditions["Ready"]["status"], conditions["Ready"]["observedGeneration"]) == ("True", 1)
+    # kubectl wait compares a condition's observedGeneration with the object's generation.
+    waited = kubectl.run("wait", "--for=condition=Ready", "--timeout=2s", "mep/quota", "-n", namespace)
+    assert waited.returncode != 0, waited.stdout
+    kubectl("delete", "resourcequota", "no-config-maps", "-n", namespace)
+    wait_phase(kubectl, namespace, "quota", "Ready", timeout=120, generation=2)

@@ -242,6 +242,16 @@ def test_observed_generation_is_the_applied_one_until_the_new_spec_is_applied() 
     for applied in (2, None):
         done = st.compute_status(owner(), ready, [], SETTINGS, applied_generation=applied)
         assert (done["observedGeneration"], done["phase"]) == (2, "Ready")
+    # A refused apply (a 403, retried) of generation 2: Degraded, still about generation 1's
+    # children, so Ready (the old replicas serve) is not claimed for generation 2.
+    refused = st.Failure("Forbidden", "the API server refused applying PersistentVolumeClaim llm-cache: quota",
+                         phase="Degraded")
+    degraded = st.compute_status(owner(), ready, [], SETTINGS, refused, applied_generation=1)
+    assert (degraded["observedGeneration"], degraded["phase"]) == (1, "Degraded")
+    assert degraded["message"].startswith(refused.message) and "generation 2 is not applied" in degraded["message"]
+    conds = {c["type"]: c for c in degraded["conditions"]}
+    assert conds["Ready"]["status"] == "True" and conds["Degraded"]["reason"] == "Forbidden"
+    assert {c["observedGeneration"] for c in degraded["conditions"]} == {1}
     # A Failed verdict is about the current spec.
     failed = st.compute_status(owner(), ready, [], SETTINGS, st.Failure("SecretNotFound", "x"),
                                applied_generation=1)
