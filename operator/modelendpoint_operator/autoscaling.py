@@ -75,9 +75,28 @@ def parse_replica_metrics(text: str) -> ReplicaLoad:
     return ReplicaLoad(in_flight, finished)
 
 
-def held_requests(annotations: Mapping[str, str], now: datetime.datetime) -> int:
-    """Requests the gateways hold for a ModelEndpoint, from their fresh annotations."""
+@dataclass(frozen=True)
+class HeldEntry:
+    """A gateway's held-requests annotation as this process last saw it."""
+
+    value: str
+    since: float  # this process' monotonic clock: when the entry was this old (``age``)
+    age: float = 0.0
+
+
+def held_requests(annotations: Mapping[str, str], seen: Mapping[str, HeldEntry], now: float,
+                  wall_now: datetime.datetime) -> tuple[int, dict[str, HeldEntry]]:
+    """Requests the gateways hold for a ModelEndpoint, from their fresh annotations, and what
+    to pass as ``seen`` next time.
+
+    An entry's ``at`` is the gateway's clock, which may be off from this one: it is trusted
+    only for an entry seen for the first time (after a start, or a new gateway). After that
+    an entry's age is counted here (``now``, monotonic), from the last change of its value: a
+    gateway rewrites it every 5 s while it holds. So a skew between the two clocks at most
+    delays a wake by one refresh, and a dead gateway's entry still ages out.
+    """
     total = 0
+    out: dict[str, HeldEntry] = {}
     for key, value in annotations.items():
         if not key.startswith(HELD_ANNOTATION_PREFIX):
             continue
@@ -89,9 +108,17 @@ def held_requests(annotations: Mapping[str, str], now: datetime.datetime) -> int
             continue
         if at.tzinfo is None:
             at = at.replace(tzinfo=datetime.UTC)
-        if held > 0 and (now - at).total_seconds() <= HELD_FRESH_SECONDS:
+        before = seen.get(key)
+        if before is None:
+            out[key] = HeldEntry(value, now, max(0.0, (wall_now - at).total_seconds()))
+        elif before.value != value:
+            out[key] = HeldEntry(value, now)  # rewritten since the last look: fresh
+        else:
+            out[key] = before
+        kept = out[key]
+        if held > 0 and kept.age + (now - kept.since) <= HELD_FRESH_SECONDS:
             total += held
-    return total
+    return total, out
 
 
 @dataclass(frozen=True)

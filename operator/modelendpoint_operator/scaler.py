@@ -65,6 +65,7 @@ class Track:
     last_scale: str | None = None
     message: str = ""
     finished: dict[str, float] = field(default_factory=dict)  # pod uid -> finished counter
+    held_seen: dict[str, a.HeldEntry] = field(default_factory=dict)  # annotation key -> as last seen
 
 
 def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -151,7 +152,7 @@ class Scaler:
         spec = ep.spec.autoscaling
         assert spec is not None
         track = self._track(ep, deployment)
-        held = a.held_requests(ep.annotations, self.wallclock())
+        held = self._held(ep, track)
         if held > 0:
             track.history.touch(self.clock())
             need = max(1, a.recommend(held, spec))
@@ -161,6 +162,10 @@ class Scaler:
         if bounded != track.desired:
             self._scale(ep, track, bounded, track.load, "the replica bounds changed")
         return track.desired
+
+    def _held(self, ep: Endpoint, track: Track) -> int:
+        held, track.held_seen = a.held_requests(ep.annotations, track.held_seen, self.clock(), self.wallclock())
+        return held
 
     def status(self, ep: Endpoint) -> dict[str, Any]:
         """``status.autoscaling``: written with the reconcile that applies a decision (the
@@ -273,7 +278,7 @@ class Scaler:
         replicas = ready_replicas(pods)
         loads = await asyncio.gather(*(self._scrape(base + a.LOAD_METRICS_PATH) for _, base in replicas))
         failed = [uid for (uid, _), load in zip(replicas, loads, strict=True) if load is None]
-        held = a.held_requests(ep.annotations, self.wallclock())
+        held = self._held(ep, track)
         now = self.clock()
         metrics.AUTOSCALER_CURRENT.labels(*ep.key).set(current)
         if failed:

@@ -144,7 +144,33 @@ def test_held_requests_count_only_fresh_gateway_entries() -> None:
         f"{a.HELD_ANNOTATION_PREFIX}gw-bad": "not json",
         "other/annotation": entry(100, 0),
     }
-    assert a.held_requests(annotations, NOW) == 7
+    held, seen = a.held_requests(annotations, {}, 100.0, NOW)
+    assert held == 7 and set(seen) == {f"{a.HELD_ANNOTATION_PREFIX}gw-{x}" for x in ("a", "b", "dead")}
+    # Unchanged, they age on this clock: gw-b is 5 + 11 s old 11 s later.
+    assert a.held_requests(annotations, seen, 111.0, NOW)[0] == 3
+
+
+def test_held_requests_age_on_the_operators_clock_not_the_gateways() -> None:
+    """The operator's clock runs 60 s ahead of the gateway's: the gateway's first entry looks
+    stale, but each rewrite (every 5 s) is fresh from when it is seen; an entry no longer
+    rewritten (its gateway died) ages out 15 s after it was last seen changing."""
+    key = f"{a.HELD_ANNOTATION_PREFIX}gw-a"
+    gateway_now = NOW - datetime.timedelta(seconds=60)
+
+    def entry(held: int, at: datetime.datetime) -> dict[str, str]:
+        return {key: json.dumps({"held": held, "at": at.isoformat()})}
+    held, seen = a.held_requests(entry(2, gateway_now), {}, 0.0, NOW)
+    assert held == 0  # the first sight can only go by the gateway's clock
+    rewritten = entry(2, gateway_now + datetime.timedelta(seconds=5))
+    held, seen = a.held_requests(rewritten, seen, 5.0, NOW + datetime.timedelta(seconds=5))
+    assert held == 2
+    held, seen = a.held_requests(rewritten, seen, 19.0, NOW + datetime.timedelta(seconds=19))
+    assert held == 2
+    assert a.held_requests(rewritten, seen, 21.0, NOW + datetime.timedelta(seconds=21))[0] == 0
+    # A gateway clock ahead: a new entry counts at once, then ages here like any other.
+    ahead = entry(1, NOW + datetime.timedelta(seconds=300))
+    held, seen = a.held_requests(ahead, {}, 0.0, NOW)
+    assert held == 1 and a.held_requests(ahead, seen, 16.0, NOW)[0] == 0
 
 
 def _endpoint(status: dict | None = None, annotations: dict | None = None, **auto: int) -> Endpoint:
