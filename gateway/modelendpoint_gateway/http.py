@@ -250,11 +250,15 @@ class HTTPServer:
     """Connections and their lifecycle; ``handler`` answers every request."""
 
     def __init__(self, handler: Handler, *, max_header_bytes: int, max_body_bytes: int, idle_seconds: float,
+                 write_timeout: float | None = None,
                  on_error: Callable[[Request | None, Responder | None, int, str], bytes] | None = None) -> None:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.idle_seconds = idle_seconds
+        # A client whose socket stayed full this long (it stopped reading) is cut: through
+        # back-pressure it holds a replica's stream, and with it a slot of that engine.
+        self.write_timeout = idle_seconds if write_timeout is None else write_timeout
         # Renders a protocol-level error (400, 413, 431) as a body; set by the app for OpenAI's shape.
         self.on_error = on_error
         self.connections: set[ServerConnection] = set()
@@ -282,9 +286,10 @@ class HTTPServer:
 
     async def _sweep(self) -> None:
         """Close connections idle longer than ``idle_seconds``, a request head not complete within it
-        (slow loris), and one closed that long ago whose client never read its last bytes."""
+        (slow loris), and one closed that long ago whose client never read its last bytes; and one
+        whose client has not read anything for ``write_timeout`` while its socket was full."""
         loop = asyncio.get_running_loop()
-        period = min(5.0, max(0.5, self.idle_seconds / 4))
+        period = min(5.0, max(0.5, min(self.idle_seconds, self.write_timeout) / 4))
         while True:
             await asyncio.sleep(period)
             now = loop.time()
@@ -293,6 +298,10 @@ class HTTPServer:
                     # Closed gracefully, its last bytes never flushed: a client that stopped reading.
                     if now - conn.closed_at > self.idle_seconds:
                         conn.transport.abort()
+                elif conn.write_paused and now - conn.write_paused_at > self.write_timeout:
+                    logger.info("client stopped reading: connection cut", extra={"fields": {
+                        "peer": conn.peer, "paused_s": round(now - conn.write_paused_at, 1)}})
+                    conn.abort()
                 elif conn.current is None and now - conn.last_activity > self.idle_seconds:
                     conn.abort()
                 elif conn.head_started_before(now - self.idle_seconds):
@@ -366,6 +375,7 @@ class ServerConnection(asyncio.Protocol):
         self._continue_owed = False  # an Expect: 100-continue that waits for the response in flight
         # Back-pressure: who to pause while the client's socket buffer is full.
         self.write_paused = False
+        self.write_paused_at = 0.0
         self.paused_reader: asyncio.Transport | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -440,6 +450,7 @@ class ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.loop.time()
         if self.paused_reader is not None:
             self.paused_reader.pause_reading()
 

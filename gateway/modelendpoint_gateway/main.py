@@ -76,7 +76,7 @@ class Service:
         self.discovery = Discovery(source, self.router, settings.namespace_list, on_change=self.on_change)
         self.api = HTTPServer(self.gateway.handle, max_header_bytes=settings.max_header_bytes,
                               max_body_bytes=settings.max_body_bytes, idle_seconds=settings.client_idle_seconds,
-                              on_error=self.gateway.protocol_error)
+                              write_timeout=settings.client_write_timeout_seconds, on_error=self.gateway.protocol_error)
         self.metrics_server = HTTPServer(self.metrics_handler, max_header_bytes=16384, max_body_bytes=1024,
                                          idle_seconds=60)
         self.annotation_key = hold.annotation_key(settings.pod_name, role.index if role else None)

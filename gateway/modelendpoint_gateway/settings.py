@@ -62,6 +62,9 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=2**31)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     client_idle_seconds: float = Field(default=120.0, gt=0, le=86400)
+    # A client that reads nothing for this long while its socket is full is cut (the runtime's
+    # WRITE_TIMEOUT_SECONDS, the same default): it would hold the replica's stream.
+    client_write_timeout_seconds: float = Field(default=30.0, gt=0, le=86400)
 
     # API keys are re-read from their Secrets this often; keys older than three
     # periods without a successful read are not trusted (503, fail closed).

@@ -8,6 +8,7 @@ event loop, reached over loopback sockets with httpx and the official SDK.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import socket
@@ -814,6 +815,30 @@ def test_a_client_that_stops_reading_stops_the_replica_s_stream_too(cluster, rep
         while chunk := s.recv(1 << 20):
             received += len(chunk)
     assert a.chunks_written == a.chunks and received > a.chunks * a.chunk_padding, stalled_at
+
+
+def test_a_client_that_reads_nothing_is_cut_after_the_write_timeout(cluster, replicas, started):
+    a = replica(replicas, "a")
+    a.chunks, a.chunk_padding = 1000, 64 * 1024  # 65 MB: more than the kernel buffers on loopback
+    serve(cluster, "ns", "ep", "m", a)
+    gw = started(client_write_timeout_seconds=1)
+    body = json.dumps(chat("m", stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", gw.settings.port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: a.chunks_written > 0, timeout=10, what="the stream to start")
+        cut_at = time.monotonic()
+        # The replica's side is cut too: its handler ends with the stream unfinished.
+        wait_for(lambda: a.in_flight == 0, timeout=15, what="the gateway to cut the client that reads nothing")
+        assert time.monotonic() - cut_at >= 1
+        assert a.chunks_written < a.chunks
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+    assert received < a.chunks * a.chunk_padding
+    assert gw.get("/healthz")[0] == 200
 
 
 def test_pipelined_requests_are_answered_in_order(cluster, replicas, started):
