@@ -228,14 +228,14 @@ def compute_status(
     desired = ep.spec.replicas if desired is None else desired
     a = assess(ep, deployment, pods, failure, desired)
     if generation < current:
-        behind = f"generation {current} is not applied (children are at generation {generation})"
+        children_at = f"(children are at generation {generation})"
         if failure is None:
             # The new spec's children are not applied yet (its reconcile is running or retrying).
-            a = Assessment("Progressing", "Reconciling", f"applying generation {current} (children are at "
-                                                         f"generation {generation})", a.ready)
+            a = Assessment("Progressing", "Reconciling", f"applying generation {current} {children_at}", a.ready)
         else:
             # Refused (a 403, retried): the older generation's replicas may well serve on.
-            a = Assessment(a.phase, a.reason, f"{a.message}; {behind}", a.ready)
+            a = Assessment(a.phase, a.reason, f"{a.message}; generation {current} is not applied {children_at}",
+                           a.ready)
     st = (deployment or {}).get("status") or {}
     ready_replicas = int(st.get("readyReplicas") or 0)
     url, external = manifests.urls(ep, settings)
