@@ -410,6 +410,11 @@ def with_digest(manifest: dict[str, Any]) -> dict[str, Any]:
                                                              c.APPLIED_DIGEST_ANNOTATION: digest[:32]}}}
 
 
+def applied_digest(obj: dict[str, Any] | None) -> str | None:
+    """The digest a child carries of the manifest it was last applied from (None: none)."""
+    return ((obj or {}).get("metadata") or {}).get("annotations", {}).get(c.APPLIED_DIGEST_ANNOTATION)
+
+
 def urls(ep: Endpoint, settings: OperatorSettings) -> tuple[str, str | None]:
     """(in-cluster base URL, external base URL or None); both end where the OpenAI SDK wants."""
     port = ep.spec.service.port

@@ -325,7 +325,9 @@ class Reconciler:
             if manifest is None or not manifests.needs_apply(manifest, live):
                 continue
             child = f"{kind} {ep.namespace}/{manifest['metadata']['name']}"
-            if restoring:
+            # Same generation, same manifest, yet it differs: someone else's doing. A different
+            # manifest is the operator's own (an autoscaler decision, a new operator version).
+            if restoring and (live is None or manifests.applied_digest(live) == manifests.applied_digest(manifest)):
                 log.info("%s was %s by someone else: restoring it", child, "deleted" if live is None else "changed")
                 metrics.CHILDREN_RESTORED.labels(kind).inc()
             result = await self._apply_child(manifest, ep.uid, known=live is not None)

@@ -19,6 +19,7 @@ import pytest
 from kubernetes.aio.client.exceptions import ApiException
 
 from modelendpoint_operator import handlers as h
+from modelendpoint_operator import constants as c
 from modelendpoint_operator import k8s, manifests, metrics
 from modelendpoint_operator import reconciler as r
 from modelendpoint_operator.scaler import Scaler
@@ -221,6 +222,22 @@ def test_a_hand_edited_or_deleted_child_is_restored_and_counted() -> None:
     kube.applied.clear()
     run(state(kube, settled, children=children).reconcile(KEY))
     assert ("Deployment", False) in kube.applied
+
+
+def test_a_child_re_applied_for_a_new_manifest_of_the_same_generation_is_no_restore() -> None:
+    """A child applied by an operator version whose manifests differ (here: one that wrote no
+    digest) is brought up to date, but nobody changed it: not counted as a restore."""
+    kube = FakeKube()
+    owner = _owner()
+    run(state(kube, owner).reconcile(KEY))
+    settled = {**owner, "status": kube.status[-1]}
+    children = live_children(kube)
+    del children["Service"]["metadata"]["annotations"][c.APPLIED_DIGEST_ANNOTATION]
+    before = counter(metrics.CHILDREN_RESTORED, "Service")
+    kube.applied.clear()
+    run(state(kube, settled, children=children).reconcile(KEY))
+    assert kube.applied == [("Service", False)]
+    assert counter(metrics.CHILDREN_RESTORED, "Service") == before
 
 
 def test_a_conflict_on_our_own_child_is_forced_but_never_on_someone_elses() -> None:
