@@ -1,8 +1,8 @@
 """The scrape loop: one task for every autoscaled ModelEndpoint (and every one with LoRA
 adapters) of this process.
 
-Every ``MEP_OPERATOR_AUTOSCALING_INTERVAL_SECONDS`` it reads each ready replica's
-metrics port (``http://<pod IP>:9400/metrics``, no API key; at most
+Every ``MEP_OPERATOR_AUTOSCALING_INTERVAL_SECONDS`` it reads each running replica's
+(Ready or not) metrics port (``http://<pod IP>:9400/metrics``, no API key; at most
 ``MEP_OPERATOR_AUTOSCALING_MAX_SCRAPES`` requests at once, each with a 2 s
 timeout), adds the requests gateways hold (annotations), records one sample per
 ModelEndpoint and asks :func:`autoscaling.decide`. A changed decision is kept
@@ -68,20 +68,25 @@ class Track:
     held_seen: dict[str, a.HeldEntry] = field(default_factory=dict)  # annotation key -> as last seen
 
 
-def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(pod uid, base URL of its metrics port) of each ready, not deleting, runtime pod."""
+def metrics_targets(pods: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """(pod uid, base URL of its metrics port, whether it is Ready) of each running, not
+    deleting runtime pod."""
     out = []
     for pod in pods:
         meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-        if meta.get("deletionTimestamp") or not status.get("podIP"):
+        if meta.get("deletionTimestamp") or not status.get("podIP") or status.get("phase", "Running") != "Running":
             continue
-        if not any(cond.get("type") == "Ready" and cond.get("status") == "True"
-                   for cond in status.get("conditions") or []):
-            continue
+        ready = any(cond.get("type") == "Ready" and cond.get("status") == "True"
+                    for cond in status.get("conditions") or [])
         port = next((p.get("containerPort") for p in pod.get("ports") or []
                      if p.get("name") == c.RUNTIME_METRICS_PORT_NAME), c.RUNTIME_METRICS_PORT)
-        out.append((str(meta.get("uid")), f"http://{status['podIP']}:{port}"))
+        out.append((str(meta.get("uid")), f"http://{status['podIP']}:{port}", ready))
     return out
+
+
+def ready_replicas(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(pod uid, base URL of its metrics port) of each ready, not deleting, runtime pod."""
+    return [(uid, base) for uid, base, ready in metrics_targets(pods) if ready]
 
 
 def adapter_summary(names: list[str], reports: list[Any]) -> list[dict[str, Any]]:
@@ -275,9 +280,13 @@ class Scaler:
         spec = ep.spec.autoscaling
         assert spec is not None
         track = self._track(ep, None)
-        replicas = ready_replicas(pods)
-        loads = await asyncio.gather(*(self._scrape(base + a.LOAD_METRICS_PATH) for _, base in replicas))
-        failed = [uid for (uid, _), load in zip(replicas, loads, strict=True) if load is None]
+        # NotReady pods too: one that failed its probe under load still serves what it took.
+        # Only a Ready one whose load is unknown stops a decision (a loading or crashing pod
+        # does not answer, and holds nothing).
+        targets = metrics_targets(pods)
+        loads = await asyncio.gather(*(self._scrape(base + a.LOAD_METRICS_PATH) for _, base, _ in targets))
+        failed = [uid for (uid, _, ready), load in zip(targets, loads, strict=True) if load is None and ready]
+        ready_count = sum(1 for *_, ready in targets if ready)
         held = self._held(ep, track)
         now = self.clock()
         metrics.AUTOSCALER_CURRENT.labels(*ep.key).set(current)
@@ -289,15 +298,18 @@ class Scaler:
             return
         served = False
         seen: dict[str, float] = {}
-        for (uid, _), load in zip(replicas, loads, strict=True):
-            assert load is not None
+        for (uid, _, _), load in zip(targets, loads, strict=True):
+            if load is None:  # a NotReady pod not answering: its count is kept, not restarted
+                if uid in track.finished:
+                    seen[uid] = track.finished[uid]
+                continue
             seen[uid] = load.finished
             if load.finished > track.finished.get(uid, 0.0):
                 served = True
         track.finished = seen
         total = a.total_load((x for x in loads if x is not None), held)
         track.load = total
-        track.history.add(a.Sample(now, total, served, starting=current > len(replicas)),
+        track.history.add(a.Sample(now, total, served, starting=current > ready_count),
                           float(spec.scale_down_delay_seconds))
         metrics.AUTOSCALER_LOAD.labels(*ep.key).set(total)
         metrics.AUTOSCALER_DESIRED.labels(*ep.key).set(track.desired)

@@ -4,6 +4,7 @@ the peering rule that pauses it on a standby replica."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import random
@@ -12,7 +13,7 @@ import pytest
 
 from modelendpoint_operator import autoscaling as a
 from modelendpoint_operator import peering
-from modelendpoint_operator.scaler import Scaler, ready_replicas
+from modelendpoint_operator.scaler import Scaler, metrics_targets, ready_replicas
 from modelendpoint_operator.spec import AutoscalingSpec, Endpoint
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=datetime.UTC)
@@ -238,6 +239,26 @@ def test_a_fresh_held_annotation_wakes_a_zero_endpoint_at_once() -> None:
     assert status["desiredReplicas"] == 3 and status["lastActiveTime"] == "2026-12-01T12:00:00Z"
 
 
+def test_a_notready_replica_s_requests_count_and_its_silence_stops_nothing() -> None:
+    """A replica that failed its readiness probe under load still serves what it took; a
+    NotReady one that does not answer (loading, crashing) holds nothing and blocks no decision."""
+    scaler = _scaler(Clock(), [])
+    ep = _endpoint({"autoscaling": {"desiredReplicas": 1}}, targetRequests=4)
+    scaler.replicas(ep, {"spec": {"replicas": 1}})
+
+    def pod(uid: str, ip: str, ready: bool) -> dict:
+        return {"metadata": {"uid": uid}, "status": {"podIP": ip, "phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False"}]}}
+    loads = {"10.0.0.1": a.ReplicaLoad(2.0, 5.0), "10.0.0.2": a.ReplicaLoad(6.0, 9.0), "10.0.0.3": None}
+
+    async def scrape(url: str) -> a.ReplicaLoad | None:
+        return loads[url.split("//")[1].split(":")[0]]
+    scaler._scrape = scrape  # type: ignore[method-assign]
+    pods = [pod("a", "10.0.0.1", True), pod("b", "10.0.0.2", False), pod("c", "10.0.0.3", False)]
+    asyncio.run(scaler._load(ep, pods, 1))
+    assert scaler.status(ep)["desiredReplicas"] == 2 and scaler.status(ep)["load"] == 8.0
+
+
 def test_ready_replicas_are_scraped_on_their_metrics_port() -> None:
     ready = {"type": "Ready", "status": "True"}
     pods = [
@@ -249,6 +270,9 @@ def test_ready_replicas_are_scraped_on_their_metrics_port() -> None:
         {"metadata": {"uid": "d"}, "status": {"conditions": [ready]}},
     ]
     assert ready_replicas(pods) == [("a", "http://10.0.0.1:9400")]
+    # The load is read from NotReady pods too (b); never from deleting or unplaced ones.
+    assert metrics_targets(pods + [{"metadata": {"uid": "e"}, "status": {"podIP": "10.0.0.5", "phase": "Failed"}}]) \
+        == [("a", "http://10.0.0.1:9400", True), ("b", "http://10.0.0.2:9400", False)]
     assert a.LOAD_METRICS_PATH == ("/metrics?name[]=vllm%3Anum_requests_running&name[]=vllm%3Anum_requests_waiting"
                                    "&name[]=vllm%3Arequest_success_total")
 
