@@ -18,8 +18,8 @@ import kopf
 import pytest
 from kubernetes.aio.client.exceptions import ApiException
 
-from modelendpoint_operator import handlers as h
 from modelendpoint_operator import constants as c
+from modelendpoint_operator import handlers as h
 from modelendpoint_operator import k8s, manifests, metrics
 from modelendpoint_operator import reconciler as r
 from modelendpoint_operator.scaler import Scaler
