@@ -332,8 +332,14 @@ def test_a_rotated_key_is_refused_at_the_gateway_and_at_the_pods_with_no_failed_
     load = background["keyed"]
     rotated = time.monotonic()
     e2e.apply(cp, e2e.key_secret(new))
-    wait_for(lambda: post_chat(url, KEYED_SERVED, old).status_code == 401, timeout=30, interval=0.5,
-             what="the gateway to refuse the rotated-out key")
+    # Each gateway pod re-reads the Secret on its own timer: every one of them must refuse it
+    # (the Service in front would answer from either).
+    gateways = [f"http://{p['status']['podIP']}:{e2e.GATEWAY_PORT}/openai/v1" for p in e2e.gateway_pods(cp)]
+    assert len(gateways) == 2
+    for gateway in gateways:
+        wait_for(lambda g=gateway: post_chat(g, KEYED_SERVED, old).status_code == 401 and
+                 KEYED_SERVED not in listed(g, old), timeout=max(1.0, 30 - (time.monotonic() - rotated)),
+                 interval=0.5, what=f"the gateway {gateway} to refuse the rotated-out key")
     at_gateway = time.monotonic() - rotated
     for pod_url in pod_urls:
         wait_for(lambda u=pod_url: post_chat(u, KEYED_SERVED, old).status_code == 401,
@@ -349,6 +355,7 @@ def test_a_rotated_key_is_refused_at_the_gateway_and_at_the_pods_with_no_failed_
     after = [o for o in load.failures() if o.ended >= rotated]
     assert not after, after[:3]
     assert listed(url, old) == {OPEN_SERVED}
+    assert post_chat(url, KEYED_SERVED, old).status_code == 401
 
 
 # --- balancing (issue 11) -----------------------------------------------------------------------
