@@ -12,6 +12,9 @@ by default, the order of the paths rotating between rounds):
 - gateway-2w: the same with ``MEP_GATEWAY_WORKERS=2`` (a supervisor and two
   worker processes on the port; ``--workers`` chooses the variants; measured
   only when the proxy has that many CPUs);
+- gateway-compiled: the same with ``MEP_GATEWAY_DATA_PLANE=compiled`` (the
+  Rust data plane on the port, one thread, the Python process its control
+  plane; ``--data-planes`` chooses);
 - vllm-router: through ``vllm-router`` 0.1.17 from PyPI (installed with uv
   into its own venv under ~/.cache/modelendpoint/bench, never into .venv) in
   its default mode (a thread per core), the same two workers,
@@ -365,6 +368,8 @@ def round_spread(proxy: dict, direct: dict) -> str:
 def label(path: str) -> str:
     if path == "gateway":
         return "gateway"
+    if path == "gateway-compiled":
+        return "gateway, compiled data plane"
     if path.startswith("gateway-"):
         return f"gateway, {path.removeprefix('gateway-').removesuffix('w')} workers"
     return path
@@ -385,8 +390,10 @@ def report(results: dict[tuple[str, int], dict], concurrencies: list[int], paths
              f"watching a local control plane (one ModelEndpoint, two ready pods on the fake servers' ports; "
              f"LeastRequests, access log on): `gateway` is its default, one process (one event loop, one CPU); "
              f"`gateway, N workers` sets `MEP_GATEWAY_WORKERS=N` (a supervisor and N worker processes sharing "
-             f"the port), measured only when the proxy has that many CPUs. vllm-router {ROUTER_VERSION} (PyPI) "
-             f"runs in its default mode (a thread per core) with "
+             f"the port), measured only when the proxy has that many CPUs; `gateway, compiled data plane` sets "
+             f"`MEP_GATEWAY_DATA_PLANE=compiled` (the Rust data plane serves the port with one thread, the "
+             f"Python process beside it as its control plane; both count as the proxy). "
+             f"vllm-router {ROUTER_VERSION} (PyPI) runs in its default mode (a thread per core) with "
              f"`--policy round_robin` and the same two workers. Time to first byte: request written to the first "
              f"body byte at the client. Gap: time between two arrivals of stream data at the client. CPU: the "
              f"proxy's processes' user + system time over the window per 1,000 chunks delivered (SSE data "
@@ -539,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--chunks", type=int, default=64)
     p.add_argument("--interval", type=float, default=0.02)
-    p.add_argument("--workers", default="1,2", help="MEP_GATEWAY_WORKERS of each gateway variant measured")
+    p.add_argument("--workers", default="1,2", help="MEP_GATEWAY_WORKERS of each Python gateway variant measured")
+    p.add_argument("--data-planes", default="python,compiled",
+                   help="MEP_GATEWAY_DATA_PLANE of the variants: python (one per --workers), compiled (one thread)")
     p.add_argument("--proxy-cpus", type=int, default=1,
                    help="CPUs the proxy under test is pinned to (the last ones); the load generators, fake "
                         "servers and control plane get the rest; 0 pins nothing")
@@ -548,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     proxy_cpus, load_cpus = split_cpus(args.proxy_cpus)
     pinned = proxy_cpus != load_cpus
-    variants = [int(w) for w in args.workers.split(",")]
+    planes = [d.strip() for d in args.data_planes.split(",") if d.strip()]
+    variants = [int(w) for w in args.workers.split(",")] if "python" in planes else []
     if pinned:
         # More workers than the proxy's CPUs would measure time slicing, not the gateway.
         skipped = [w for w in variants if w > len(proxy_cpus)]
@@ -556,12 +566,14 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             log(f"skipping MEP_GATEWAY_WORKERS={','.join(map(str, skipped))}: more than the proxy's "
                 f"{len(proxy_cpus)} CPU(s)")
-        if not variants:
+        if not variants and "compiled" not in planes:
             raise SystemExit(f"bench-gateway: --workers {args.workers}: every variant needs more than the "
                              f"proxy's {len(proxy_cpus)} CPU(s) (--proxy-cpus)")
         # Everything this process starts from here on inherits the load CPUs.
         os.sched_setaffinity(0, load_cpus)
-    gateways = {("gateway" if w == 1 else f"gateway-{w}w"): w for w in variants}
+    gateways = {("gateway" if w == 1 else f"gateway-{w}w"): ("python", w) for w in variants}
+    if "compiled" in planes:
+        gateways["gateway-compiled"] = ("compiled", 1)
     paths = ["direct", *gateways, "vllm-router"]
     assert GATEWAY_BIN.exists(), f"{GATEWAY_BIN} is missing; run `make setup`"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -585,12 +597,13 @@ def main(argv: list[str] | None = None) -> int:
         targets = {"direct": ",".join(f"127.0.0.1:{p}" for p in backend_ports),
                    "vllm-router": f"127.0.0.1:{router_port}"}
         pids: dict[str, int | None] = {"direct": None}
-        for i, (name, count) in enumerate(gateways.items()):
+        for i, (name, (plane, count)) in enumerate(gateways.items()):
             gw_port, gw_metrics = gw_ports[2 * i], gw_ports[2 * i + 1]
             env = {k: v for k, v in os.environ.items() if not k.startswith("MEP_GATEWAY_")}
             env.update(KUBECONFIG=str(cp.kubeconfig), MEP_GATEWAY_BIND_ADDRESS="127.0.0.1",
                        MEP_GATEWAY_PORT=str(gw_port), MEP_GATEWAY_METRICS_PORT=str(gw_metrics),
-                       MEP_GATEWAY_POD_NAME=f"bench-{name}", MEP_GATEWAY_WORKERS=str(count))
+                       MEP_GATEWAY_POD_NAME=f"bench-{name}", MEP_GATEWAY_WORKERS=str(count),
+                       MEP_GATEWAY_DATA_PLANE=plane)
             gateway = Proc(name, [str(GATEWAY_BIN)], work, env, cpus=proxy_cpus)
             procs.append(gateway)
             wait_http(f"http://127.0.0.1:{gw_metrics}/readyz", f"{name} to be ready", gateway)

@@ -340,6 +340,10 @@ class FakeReplica:
             self._thread.join(10)
 
 
+# The gateway's data planes (MEP_GATEWAY_DATA_PLANE): the tests of the request path run on each.
+DATA_PLANES = ("python", "compiled")
+
+
 def gateway_env(**overrides: Any) -> dict[str, str]:
     """MEP_GATEWAY_* settings for tests: free ports, short timeouts."""
     port, mport = free_ports(2)

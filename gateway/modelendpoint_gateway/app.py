@@ -281,7 +281,7 @@ class Gateway:
         publish (both before anything is forwarded or woken)."""
         info = model.info
         if info.open:
-            if self._withheld(info):
+            if self.withheld(info):
                 raise errors.keyless_on_public_gateway(model.served_name or info.name)
             return
         assert info.key_secret is not None
@@ -293,7 +293,7 @@ class Gateway:
         if not keys.opens(token):
             raise errors.invalid_api_key(token is not None)
 
-    def _withheld(self, info: table.EndpointInfo) -> bool:
+    def withheld(self, info: table.EndpointInfo) -> bool:
         """A keyless model this gateway does not serve: it is public, and the model did not opt in."""
         return served_names.withheld_from_public_gateway(self.settings.public, not info.open,
                                                          info.allow_unauthenticated)
@@ -301,7 +301,7 @@ class Gateway:
     async def _opens(self, model: Model, token_digest: bytes | None) -> bool:
         info = model.info
         if info.open:
-            return not self._withheld(info)
+            return not self.withheld(info)
         if token_digest is None:
             return False
         assert info.key_secret is not None

@@ -268,8 +268,19 @@ class HTTPServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._idle_event = asyncio.Event()
 
-    def protocol(self) -> ServerConnection:
-        return ServerConnection(self)
+    def protocol(self, preread: bytes = b"") -> ServerConnection:
+        return ServerConnection(self, preread)
+
+    async def adopt(self, sock: socket.socket, preread: bytes) -> None:
+        """Serve a connection accepted elsewhere (the compiled data plane's handoff), whose first
+        ``preread`` bytes were already read from it."""
+        loop = asyncio.get_running_loop()
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
+        try:
+            await loop.connect_accepted_socket(lambda: self.protocol(preread), sock)
+        except OSError:
+            sock.close()
 
     async def listen(self, host: str, port: int, *, sock: socket.socket | None = None,
                      backlog: int = 2048, reuse_port: bool = False) -> asyncio.base_events.Server:
@@ -351,8 +362,9 @@ class HTTPServer:
 class ServerConnection(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, server: HTTPServer) -> None:
+    def __init__(self, server: HTTPServer, preread: bytes = b"") -> None:
         self.server = server
+        self._preread = preread
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
@@ -394,6 +406,11 @@ class ServerConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if self._preread:
+            # Handed over with bytes already read: they come first, before anything read from the
+            # socket (which starts once this callback returns).
+            data, self._preread = self._preread, b""
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()

@@ -116,6 +116,8 @@ class KeyStore:
         self.clock = clock
         self.entries: dict[tuple[str, str], _Entry] = {}
         self.errors = 0
+        # Called after each successful read of a Secret (the compiled data plane's snapshot follows keys).
+        self.on_read: Callable[[], None] | None = None
 
     @property
     def max_age(self) -> float:
@@ -131,6 +133,13 @@ class KeyStore:
         assert entry.loaded_at is not None
         if self.clock() - entry.loaded_at > self.max_age:
             raise KeysUnavailable(f"{namespace}/{secret} not read for {self.clock() - entry.loaded_at:.0f} s")
+        return self._keyset(namespace, secret, field_name, entry)
+
+    def fresh(self, namespace: str, secret: str, field_name: str) -> KeySet | None:
+        """The keys as last read, if that read is recent enough to be trusted (no I/O); else None."""
+        entry = self.entries.get((namespace, secret))
+        if entry is None or entry.loaded_at is None or self.clock() - entry.loaded_at > self.max_age:
+            return None
         return self._keyset(namespace, secret, field_name, entry)
 
     def _keyset(self, namespace: str, secret: str, field_name: str, entry: _Entry) -> KeySet:
@@ -180,6 +189,8 @@ class KeyStore:
             entry.parsed.clear()
             entry.reported.clear()
         entry.loaded_at = self.clock()
+        if self.on_read is not None:
+            self.on_read()
 
     def retain(self, refs: set[tuple[str, str]]) -> None:
         """Forget Secrets no ModelEndpoint references any more."""

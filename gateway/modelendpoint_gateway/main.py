@@ -12,7 +12,11 @@ MEP_GATEWAY_DRAIN_TIMEOUT_SECONDS; held requests still waiting then get 503
 process exits 0. A second signal stops at once.
 
 With MEP_GATEWAY_WORKERS above 1 the process is a supervisor of that many
-such gateways sharing the ports (workers.py).
+such gateways sharing the ports (workers.py). With MEP_GATEWAY_DATA_PLANE=compiled
+it is one process that runs the compiled data plane on the API port
+(dataplane.py; MEP_GATEWAY_WORKERS is then the data plane's threads), answering
+what that hands back; on SIGTERM both drain, and the data plane exiting on its
+own stops the gateway with status 1.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from . import __version__, hold, metrics, workers
+from . import __version__, dataplane, hold, metrics, workers
 from .app import JSON_HEADERS, Gateway
 from .discovery import Changes, Discovery, Source
 from .http import HTTPServer, Pool, Request, Responder
@@ -85,6 +89,9 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self.api_port = 0
         self.metrics_port = 0
+        self.dataplane: dataplane.DataPlane | None = None
+        self.exit_status = 0
+        self._push_scheduled = False
 
     # --- reacting to table changes ---------------------------------------------------------------
 
@@ -102,6 +109,24 @@ class Service:
             elif model.served_name and self.router.table.owns_name(model.key):
                 metrics.READY_REPLICAS.labels(model.served_name).set(len(model.replicas))
         metrics.MODELS.set(len(names))
+        self.push_snapshot()
+
+    def push_snapshot(self) -> None:
+        """The compiled data plane's snapshot follows the routing table and the keys (once per loop turn)."""
+        if self.dataplane is None or self._push_scheduled:
+            return
+        self._push_scheduled = True
+        asyncio.get_running_loop().call_soon(self._push_now)
+
+    def _push_now(self) -> None:
+        self._push_scheduled = False
+        if self.dataplane is None:
+            return
+        # Before the first full lists, nothing is served fast (this process answers 503 not_ready).
+        router = self.router if self.gateway.synced else Router()
+        self.dataplane.push(dataplane.snapshot_message(
+            router, lambda info: self.keys.fresh(info.namespace, info.key_secret or "", info.key_field or ""),
+            self.gateway.withheld, self.settings))
 
     # --- background loops -----------------------------------------------------------------------------
 
@@ -110,6 +135,7 @@ class Service:
             await asyncio.sleep(self.settings.key_refresh_seconds)
             self.keys.retain(self.router.secret_refs())
             await self.keys.refresh_all()
+            self.push_snapshot()  # keys read too long ago leave the fast path
 
     async def _write_annotations(self) -> None:
         gw = self.gateway
@@ -141,6 +167,7 @@ class Service:
     async def _mark_synced(self) -> None:
         await self.discovery.synced.wait()
         self.gateway.synced = True
+        self.push_snapshot()
         if self.role is not None:
             self.role.share.set_ready(self.role.index, True)
         # Everything loaded so far (modules, the first lists) lives as long as the process: keep it
@@ -152,7 +179,13 @@ class Service:
 
     async def metrics_handler(self, req: Request, resp: Responder) -> None:
         if req.path == "/metrics":
-            resp.send(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(REGISTRY))
+            text = generate_latest(REGISTRY)
+            if self.dataplane is not None:
+                # One text: each sample says which data plane counted it.
+                compiled = await self.dataplane.metrics()
+                text = workers.merge_metrics([("python", text.decode()), ("compiled", compiled)], label="data_plane",
+                                             openmetrics={"compiled"})
+            resp.send(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], text)
         elif req.path == "/healthz":
             resp.send(200, JSON_HEADERS, b'{"status":"ok"}')
         elif req.path == "/readyz":
@@ -166,9 +199,20 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        binary = None
+        if s.data_plane == "compiled":
+            binary = dataplane.find_binary(s.dataplane_binary)
+            if binary is None:
+                raise Fatal(f"invalid MEP_GATEWAY_DATA_PLANE='compiled': {dataplane.BINARY} not found "
+                            f"(MEP_GATEWAY_DATAPLANE_BINARY={s.dataplane_binary!r}, PATH, or beside {sys.executable})")
         try:
-            server = await self.api.listen(s.bind_address, s.port, reuse_port=self.role is not None)
-            self.api_port = server.sockets[0].getsockname()[1]
+            if binary is not None:
+                listener = socket.create_server((s.bind_address, s.port), backlog=2048,
+                                                family=socket.AF_INET6 if ":" in s.bind_address else socket.AF_INET)
+                self.api_port = listener.getsockname()[1]
+            else:
+                server = await self.api.listen(s.bind_address, s.port, reuse_port=self.role is not None)
+                self.api_port = server.sockets[0].getsockname()[1]
             if self.role is not None:
                 # The supervisor serves the metrics port and merges the workers' metrics from here.
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -180,6 +224,14 @@ class Service:
         except OSError as exc:
             raise Fatal(f"cannot listen on {s.bind_address} (MEP_GATEWAY_PORT={s.port}, "
                         f"MEP_GATEWAY_METRICS_PORT={s.metrics_port}): {exc.strerror or exc}") from None
+        if binary is not None:
+            loop = asyncio.get_running_loop()
+            self.dataplane = dataplane.DataPlane(
+                s, binary, lambda sock, preread: loop.create_task(self.api.adopt(sock, preread)))
+            await self.dataplane.start(listener, workers.worker_count(s.workers))
+            self.keys.on_read = self.push_snapshot
+            self.push_snapshot()
+            self._tasks.append(asyncio.ensure_future(self._watch_dataplane()))
         self.discovery.start()
         for coro in (self._refresh_keys(), self._write_annotations(), self._mark_synced()):
             self._tasks.append(asyncio.ensure_future(coro))
@@ -189,10 +241,20 @@ class Service:
             fields["worker"] = self.role.index
         logger.info("modelendpoint-gateway started", extra={"fields": fields})
 
+    async def _watch_dataplane(self) -> None:
+        assert self.dataplane is not None
+        code = await self.dataplane.wait()
+        if not self.stop.is_set():
+            logger.error("the compiled data plane exited on its own; stopping", extra={"fields": {"status": code}})
+            self.exit_status = 1
+            self.stop.set()
+
     async def drain(self) -> None:
         s = self.settings
         gw = self.gateway
         gw.draining = True
+        if self.dataplane is not None:
+            self.dataplane.drain()
         if self.role is not None:
             self.role.share.set_ready(self.role.index, False)
         self.api.start_drain()
@@ -213,6 +275,9 @@ class Service:
         deadline = asyncio.get_running_loop().time() + 3.0
         while gw.held.due() and asyncio.get_running_loop().time() < deadline and not self.force.is_set():
             await asyncio.sleep(0.1)
+        if self.dataplane is not None:
+            # Its streams had the same drain timeout; a second signal stops it at once.
+            await self.dataplane.stop(0 if self.force.is_set() else s.drain_timeout_seconds + 5)
         logger.info("stopped", extra={"fields": {"drained": bool(finished)}})
 
     async def close(self) -> None:
@@ -223,6 +288,8 @@ class Service:
         self.metrics_server.close_all()
         self.metrics_server.stop_listening()
         self.pool.close()
+        if self.dataplane is not None:
+            await self.dataplane.stop(0)
 
     def signal(self) -> None:
         if self.stop.is_set():
@@ -262,7 +329,7 @@ async def serve(settings: GatewaySettings, role: workers.WorkerRole | None = Non
     finally:
         await service.close()
         await kube.close()
-    return 0
+    return service.exit_status
 
 
 def run_loop(settings: GatewaySettings, main: Coroutine[Any, Any, int]) -> int:
@@ -304,7 +371,7 @@ def _worker(settings: GatewaySettings, role: workers.WorkerRole) -> int:
 
 def _run(settings: GatewaySettings) -> int:
     count = workers.worker_count(settings.workers)
-    if count == 1:
+    if count == 1 or settings.data_plane == "compiled":
         return run_loop(settings, serve(settings))
     # What can fail at start fails before forking, in one line. The check runs on asyncio's own loop,
     # which leaves no threads behind (libuv's thread pool would not survive the fork).

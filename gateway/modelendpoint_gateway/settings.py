@@ -85,9 +85,16 @@ class GatewaySettings(BaseSettings):
     replica_header: bool = False
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Worker processes sharing the API port (SO_REUSEPORT), each a whole gateway; 0: one per usable CPU.
+    # With data_plane compiled: the compiled data plane's threads (this process stays one).
     workers: int = Field(default=1, ge=0, le=64)
+    # Who serves the API port: "python" (this process, every request) or "compiled": the binary
+    # modelendpoint-gateway-dataplane serves plain requests for ready models and hands every other
+    # connection to this process (dataplane.py). dataplane_binary: its path (empty: on PATH, else
+    # beside this Python).
+    data_plane: Literal["python", "compiled"] = "python"
+    dataplane_binary: str = ""
 
-    @field_validator("log_level", "log_format", "event_loop", mode="before")
+    @field_validator("log_level", "log_format", "event_loop", "data_plane", mode="before")
     @classmethod
     def _lower(cls, value):
         return value.lower().strip() if isinstance(value, str) else value

@@ -41,7 +41,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,20 +116,24 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def merge_metrics(texts: Iterable[tuple[str, str]]) -> bytes:
-    """Prometheus texts of the workers, (worker label, text) each, as one text with a ``worker`` label."""
+def merge_metrics(texts: Iterable[tuple[str, str]], label: str = "worker", openmetrics: Collection[str] = ()) -> bytes:
+    """Prometheus texts, (label value, text) each, as one text with that ``label`` on every sample
+    (the workers' texts by ``worker``; the two data planes' by ``data_plane``). The texts of the
+    label values in ``openmetrics`` are in the OpenMetrics format (the compiled data plane's)."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.metrics_core import Metric
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.samples import Sample
 
     families: dict[str, Metric] = {}
     for worker, text in texts:
-        for fam in text_string_to_metric_families(text):
+        parse = openmetrics_families if worker in openmetrics else text_string_to_metric_families
+        for fam in parse(text):
             merged = families.get(fam.name)
             if merged is None:
                 merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            merged.samples.extend(Sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp, s.exemplar)
+            merged.samples.extend(Sample(s.name, {**s.labels, label: worker}, s.value, s.timestamp, s.exemplar)
                                   for s in fam.samples)
 
     class Merged:

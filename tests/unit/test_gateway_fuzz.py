@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from fixtures_gateway import FakeCluster, FakeReplica, GatewayThread, mep_obj, pod_obj
+from fixtures_gateway import DATA_PLANES, FakeCluster, FakeReplica, GatewayThread, mep_obj, pod_obj
 from waiting import wait_for
 
 MODEL = "fuzz-model"
 
 
-@pytest.fixture(scope="module")
-def gw() -> Iterator[GatewayThread]:
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def gw(request) -> Iterator[GatewayThread]:
     cluster = FakeCluster()
     replica = FakeReplica("r").start()
     cluster.put(mep_obj("ep", "ns", MODEL))
@@ -32,7 +32,8 @@ def gw() -> Iterator[GatewayThread]:
     cluster.set_secret("ns", "keys", {"k": "sk-fuzz"})
     cluster.put(mep_obj("keyed", "ns", "keyed-model", apiKeySecretRef={"name": "keys", "key": "k"}))
     cluster.put(pod_obj("keyed-0", "ns", "keyed", "127.0.0.1", replica.port))
-    g = GatewayThread(cluster, max_header_bytes=16384, max_body_bytes=65536, access_log="false").start()
+    g = GatewayThread(cluster, max_header_bytes=16384, max_body_bytes=65536, access_log="false",
+                      data_plane=request.param).start()
     yield g
     g.stop()
     replica.stop()
