@@ -40,7 +40,7 @@ const HOP_BY_HOP: [&str; 12] = ["connection", "keep-alive", "proxy-connection", 
 const MAX_HEADERS: usize = 128;
 const MAX_UPSTREAM_HEAD: usize = 64 * 1024;
 const MAX_KEPT_ANSWER: usize = 1024 * 1024; // a 503 kept aside while another replica is tried
-const READ_SIZE: usize = 64 * 1024;
+const READ_SIZE: usize = 16 * 1024;
 
 /// A request head, owned.
 struct Head {
@@ -211,7 +211,7 @@ enum Next {
 /// Serve one client connection until it closes or is handed over.
 pub async fn serve(state: Arc<State>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut drain = state.drain_signal();
     loop {
         // --- a request head ---
@@ -224,22 +224,22 @@ pub async fn serve(state: Arc<State>, mut client: TcpStream, peer: SocketAddr) {
                     _ => break None, // the Python side answers it (400, 431)
                 }
             }
-            let mut chunk = [0u8; 16384];
+            buf.reserve(4096);
             tokio::select! {
-                read = tokio::time::timeout_at(deadline, client.read(&mut chunk)) => match read {
+                read = tokio::time::timeout_at(deadline, client.read_buf(&mut buf)) => match read {
                     Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return, // closed, broken, or idle / trickled too long
-                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                    Ok(Ok(_)) => {}
                 },
                 _ = drain.changed(), if buf.is_empty() => return, // draining: idle keep-alive connections close
             }
         };
         let Some(head) = head else { return state.hand_over(client, buf) };
         let Some(length) = is_plain(&head, state.config.max_body_bytes) else { return state.hand_over(client, buf) };
+        buf.reserve(head.len + length - buf.len().min(head.len + length));
         while buf.len() < head.len + length {
-            let mut chunk = vec![0u8; READ_SIZE.min(head.len + length - buf.len()).max(4096)];
-            match tokio::time::timeout(state.config.client_idle(), client.read(&mut chunk)).await {
+            match tokio::time::timeout(state.config.client_idle(), client.read_buf(&mut buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return, // an incomplete request: no answer
-                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Ok(Ok(_)) => {}
             }
         }
         let received = Instant::now();
@@ -607,15 +607,14 @@ enum Read {
 async fn read_upstream(conn: &mut TcpStream, into: &mut [u8], client: &mut TcpStream, pending: &mut Vec<u8>,
                        limit: usize) -> Read {
     loop {
-        let mut scratch = [0u8; 4096];
         tokio::select! {
             r = conn.read(into) => return match r {
                 Ok(n) => Read::Upstream(n),
                 Err(_) => Read::UpstreamFailed,
             },
-            r = client.read(&mut scratch), if pending.len() < limit => match r {
+            r = client.read_buf(pending), if pending.len() < limit => match r {
                 Ok(0) | Err(_) => return Read::ClientGone,
-                Ok(n) => pending.extend_from_slice(&scratch[..n]),
+                Ok(_) => {}
             },
         }
     }
@@ -631,7 +630,7 @@ async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, 
         return Outcome::Failed { reused };
     }
     // --- the answer's head (interim 1xx answers skipped) ---
-    let mut ubuf: Vec<u8> = Vec::with_capacity(8192);
+    let mut ubuf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; READ_SIZE];
     let answer = loop {
         match parse_answer(&ubuf) {
@@ -709,7 +708,7 @@ async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, 
     let status = answer.status;
     let mut out = client_head(state, &answer, &replica.id, sized, chunked);
     let mut first_byte: Option<Instant> = None;
-    let mut payload = Vec::with_capacity(READ_SIZE);
+    let mut payload = Vec::new();
     let mut broken = false;
     loop {
         payload.clear();
