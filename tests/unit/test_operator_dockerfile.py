@@ -1,4 +1,5 @@
-"""Dockerfile.operator: slim Python, the operator's pinned dependencies only, non-root."""
+"""Dockerfile.operator: slim Python, the operator's pinned dependencies only, non-root;
+the gateway's compiled data plane built in a rust stage, only its binary copied in."""
 
 from __future__ import annotations
 
@@ -19,6 +20,54 @@ def _instructions() -> list[str]:
 def test_slim_python_base() -> None:
     assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim$", DOCKERFILE, re.M)
     assert re.search(r"^ARG PYTHON_VERSION=3\.11$", DOCKERFILE, re.M)
+    # The image is the last stage: the one `docker build` without --target tags.
+    froms = [i for i in _instructions() if i.startswith("FROM ")]
+    assert froms[-1] == "FROM python:${PYTHON_VERSION}-slim"
+
+
+def _stage(name: str) -> list[str]:
+    """The instructions of the stage ``FROM ... AS name``, up to the next FROM."""
+    out: list[str] = []
+    for instruction in _instructions():
+        if instruction.startswith("FROM "):
+            if out:
+                break
+            if instruction.endswith(f" AS {name}"):
+                out.append(instruction)
+        elif out:
+            out.append(instruction)
+    assert out, f"no stage {name}"
+    return out
+
+
+def test_the_data_plane_is_built_in_a_rust_stage_of_the_pinned_version() -> None:
+    versions = dict(line.split("=", 1) for line in (REPO / "hack" / "versions.env").read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert re.search(rf"^ARG RUST_VERSION={re.escape(versions['RUST_VERSION'])}$", DOCKERFILE, re.M)
+    stage = _stage("dataplane")
+    assert stage[0] == "FROM rust:${RUST_VERSION}-slim-bookworm AS dataplane"
+    copies = [i for i in stage if i.startswith("COPY ")]
+    copied = {src for c in copies for src in c.split()[1:-1]}
+    # What cargo reads, and nothing else of the repository (no target folder).
+    assert copied == {"gateway/dataplane/Cargo.toml", "gateway/dataplane/Cargo.lock", "gateway/dataplane/src/"}
+    build = next(i for i in stage if i.startswith("RUN ") and "cargo build" in i)
+    assert "cargo build --release --locked" in build
+    # Cache mounts: the crates and the target folder outlive a build; the binary is
+    # copied out of the mounted target folder in the same step.
+    mounts = set(re.findall(r"--mount=type=cache,(?:id=[^,\s]+,)?target=([^,\s]+)", build))
+    assert "/usr/local/cargo/registry" in mounts
+    workdir = next(i.split()[1] for i in stage if i.startswith("WORKDIR "))
+    assert f"{workdir}/target" in mounts
+    assert "target/release/modelendpoint-gateway-dataplane /usr/local/bin/modelendpoint-gateway-dataplane" in build
+
+
+def test_only_the_binary_reaches_the_image_on_path() -> None:
+    final = DOCKERFILE.split("FROM python:${PYTHON_VERSION}-slim", 1)[1]
+    copies = re.findall(r"^COPY --from=(\S+) (\S+) (\S+)$", final, re.M)
+    assert copies == [("dataplane", "/usr/local/bin/modelendpoint-gateway-dataplane",
+                       "/usr/local/bin/modelendpoint-gateway-dataplane")]
+    # Root-owned (before USER, no --chown): the non-root user can run it, not replace it.
+    assert final.index("COPY --from=dataplane") < final.index("\nUSER ")
 
 
 def test_installs_the_pinned_operator_requirements_then_the_package_without_deps() -> None:
@@ -69,7 +118,7 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
     patterns = {line.strip() for line in path.read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     for needed in (".git", ".venv", "**/__pycache__", "**/*.egg-info", ".pytest_cache",
-                   ".hypothesis", "tests"):
+                   ".hypothesis", "tests", "**/target"):
         assert needed in patterns, needed
     # Nothing the Dockerfiles COPY is excluded.
     for dockerfile in ("Dockerfile.operator", "Dockerfile.runtime"):

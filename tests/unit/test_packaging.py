@@ -64,3 +64,17 @@ def test_test_modules_have_unique_names_across_tiers():
     for path in sorted((REPO / "tests").glob("*/test_*.py")):
         assert path.name not in seen, f"{path} and {seen[path.name]} share a module name"
         seen[path.name] = path
+
+
+def test_the_data_plane_is_built_locked_everywhere_with_its_target_outside_the_repository():
+    # Cargo.lock pins the crates as requirements/*.txt pin the wheels: every build
+    # (make setup, the unit tier's cargo test, the image) takes exactly those.
+    script = (REPO / "hack" / "dataplane.sh").read_text()
+    assert "cargo build --release --locked" in script and "cargo test --release --locked" in script
+    assert 'CARGO_TARGET_DIR="${MEP_CACHE:-$HOME/.cache/modelendpoint}/cargo-target"' in script
+    assert "cargo build --release --locked" in (REPO / "Dockerfile.operator").read_text()
+    assert (REPO / "gateway" / "dataplane" / "Cargo.lock").is_file()
+    # make setup builds and installs it on a warm run too (the Python stamp does not skip it).
+    setup = (REPO / "hack" / "setup.sh").read_text()
+    calls = re.findall(r"^\s*(?:exec )?hack/dataplane\.sh$", setup, re.M)
+    assert len(calls) == 2, "both the warm and the cold path of setup.sh"
