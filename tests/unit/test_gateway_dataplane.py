@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fixtures_gateway import FakeCluster, FakeReplica, GatewayThread, gateway_env, mep_obj, metric_value, pod_obj
+from fixtures_gateway import (
+    DATA_PLANES,
+    FakeCluster,
+    FakeReplica,
+    GatewayThread,
+    gateway_env,
+    mep_obj,
+    metric_value,
+    pod_obj,
+)
 from modelendpoint_gateway import dataplane, errors, table, workers
 from modelendpoint_gateway.keys import KeySet, digest
 from modelendpoint_gateway.router import Router
@@ -209,3 +219,23 @@ def test_the_binary_refuses_a_bad_invocation_in_one_line():
     for argv in ([binary], [binary, "--config", "{not json"]):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
         assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.parametrize("plane", DATA_PLANES)
+def test_a_client_s_connection_close_is_answered_and_honoured(fake, plane):
+    cluster = FakeCluster()
+    cluster.put(mep_obj("ep", "ns", "m"))
+    cluster.put(pod_obj("ep-0", "ns", "ep", "127.0.0.1", fake.port))
+    gw = GatewayThread(cluster, data_plane=plane).start()
+    try:
+        body = json.dumps(chat()).encode()
+        with socket.create_connection(("127.0.0.1", gw.settings.port), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                      b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+            got = b""
+            while chunk := s.recv(65536):   # ends: the gateway closes after the answer
+                got += chunk
+        head = got.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 200") and b"\r\nconnection: close" in head
+    finally:
+        gw.stop()

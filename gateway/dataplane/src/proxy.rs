@@ -312,6 +312,7 @@ async fn forward(state: &State, client: &mut TcpStream, buf: &mut Vec<u8>, peer:
     let mut skipped: Option<(u16, Vec<u8>, Vec<u8>)> = None;
     let mut replica_id: Option<String> = None;
     let route = String::from_utf8_lossy(head.path()).into_owned();
+    let close = wants_close(head); // the client's Connection: close: our answer says so, then we close
     let finish = |status: u16, replica: Option<&str>, first: Option<Instant>, attempts: u32, code: Option<&str>| {
         let now = Instant::now();
         let ttfb = first.map(|f| f.duration_since(received).as_secs_f64());
@@ -349,7 +350,7 @@ async fn forward(state: &State, client: &mut TcpStream, buf: &mut Vec<u8>, peer:
             let retry_now: &[u16] = if can_retry { retry_on } else { &[] };
             let request = upstream_head(head, &replica.netloc, &peer, body.len());
             Some(exchange(state, client, buf, conn, reused, &request, &body, &replica, retry_now,
-                          job.anthropic).await)
+                          job.anthropic, close).await)
         }.await;
         state.metrics.in_flight(&model.served_name, -1);
         match result {
@@ -405,12 +406,12 @@ async fn forward(state: &State, client: &mut TcpStream, buf: &mut Vec<u8>, peer:
             (r.status, out, Some("upstream_unreachable"))
         }
     };
-    if state.draining() {
+    if close || state.draining() {
         out = with_close(out);
     }
     let ok = matches!(tokio::time::timeout(cfg.write_timeout(), client.write_all(&out)).await, Ok(Ok(())));
     finish(status, replica_id.as_deref(), None, attempts, code);
-    if ok && !state.draining() { Next::Continue } else { Next::Close }
+    if ok && !close && !state.draining() { Next::Continue } else { Next::Close }
 }
 
 /// A whole answer with `connection: close` added to its head.
@@ -559,7 +560,8 @@ fn framing_of(answer: &Answer) -> Result<Framing, ()> {
 }
 
 /// The answer's head for the client: status line, the replica's end-to-end headers, our framing.
-fn client_head(state: &State, answer: &Answer, replica_id: &str, sized: Option<u64>, chunked: bool) -> Vec<u8> {
+fn client_head(state: &State, answer: &Answer, replica_id: &str, sized: Option<u64>, chunked: bool,
+               close: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     let reason = if answer.reason.is_empty() { "Unknown" } else { answer.reason.as_str() };
     out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", answer.status, reason).as_bytes());
@@ -581,7 +583,7 @@ fn client_head(state: &State, answer: &Answer, replica_id: &str, sized: Option<u
     } else if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if state.draining() {
+    if close || state.draining() {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -623,7 +625,7 @@ async fn read_upstream(conn: &mut TcpStream, into: &mut [u8], client: &mut TcpSt
 #[allow(clippy::too_many_arguments)]
 async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, mut conn: TcpStream, reused: bool,
                   request: &[u8], body: &[u8], replica: &crate::upstream::Replica, retry_on: &[u16],
-                  anthropic: bool) -> Outcome {
+                  anthropic: bool, close: bool) -> Outcome {
     let cfg = &state.config;
     let limit = cfg.max_header_bytes + cfg.max_body_bytes;
     if conn.write_all(&[request, body].concat()).await.is_err() {
@@ -693,7 +695,7 @@ async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, 
         if upstream_keep && !matches!(framing, Framing::UntilClose) {
             replica.put(conn, cfg.max_idle_per_replica);
         }
-        let head = client_head(state, &answer, &replica.id, Some(kept.len() as u64), false);
+        let head = client_head(state, &answer, &replica.id, Some(kept.len() as u64), false, close);
         return Outcome::Retry { status: answer.status, head, body: kept };
     }
 
@@ -706,7 +708,7 @@ async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, 
     let is_sse = header(&answer.headers, "content-type")
         .is_some_and(|v| String::from_utf8_lossy(v).to_ascii_lowercase().contains("text/event-stream"));
     let status = answer.status;
-    let mut out = client_head(state, &answer, &replica.id, sized, chunked);
+    let mut out = client_head(state, &answer, &replica.id, sized, chunked, close);
     let mut first_byte: Option<Instant> = None;
     let mut payload = Vec::new();
     let mut broken = false;
