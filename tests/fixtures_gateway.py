@@ -703,10 +703,12 @@ def gateway_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cluster_gateway(control_plane, kubectl, mep_crds, operator, gateway_node, gateway_logs) -> Iterator[
         GatewayProcess]:
-    """The gateway console script, cluster-wide, with only its own ServiceAccount's token."""
+    """The gateway console script, cluster-wide, with only its own ServiceAccount's token, on the
+    compiled data plane as the chart runs it (the namespaced-mode and workers tests run the Python one)."""
     kubeconfig = gateway_identity(control_plane, kubectl, gateway_logs, "gateway-clusterwide")
     env = {**control_plane.env(), "KUBECONFIG": str(kubeconfig)}
-    gw = GatewayProcess(env, gateway_logs / "gateway-clusterwide.log", pod_name="gw-it-0").start()
+    gw = GatewayProcess(env, gateway_logs / "gateway-clusterwide.log", pod_name="gw-it-0",
+                        data_plane="compiled").start()
     try:
         yield gw
     finally:
