@@ -14,8 +14,9 @@ Fakes only at seams the gateway owns:
 - :class:`GatewayProcess` runs the console script as a subprocess with a
   kubeconfig, as the chart and the full-system tests do;
 - :class:`StaticGatewayProcess` runs this file as a script: the real
-  supervisor and workers (MEP_GATEWAY_WORKERS) over a FakeCluster loaded
-  from a JSON file before the workers fork (no API server, no threads).
+  supervisor and workers (MEP_GATEWAY_WORKERS), or the one process with the
+  compiled data plane, over a FakeCluster loaded from a JSON file before the
+  workers fork (no API server, no threads).
 
 Object builders ``mep_obj`` and ``pod_obj`` make ModelEndpoints and pods as
 the API server returns them.
@@ -768,7 +769,7 @@ async def _static_serve(settings: Any, role: Any, view: dict) -> int:
     await service.stop.wait()
     await service.drain()
     await service.close()
-    return 0
+    return service.exit_status
 
 
 def _static_main(view_path: str) -> int:
@@ -779,6 +780,8 @@ def _static_main(view_path: str) -> int:
     settings = load_settings(os.environ)
     setup_logging(settings.log_level, settings.log_format)
     view = json.loads(Path(view_path).read_text())
+    if settings.data_plane == "compiled":   # one process (and the data plane), as main._run does
+        return main.run_loop(settings, _static_serve(settings, None, view))
     count = workers.worker_count(settings.workers)
     return main.run_workers(settings, count, lambda role: main.run_loop(settings, _static_serve(settings, role,
                                                                                                  view)))

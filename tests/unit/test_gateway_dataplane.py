@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from fixtures_gateway import (
     FakeCluster,
     FakeReplica,
     GatewayThread,
+    StaticGatewayProcess,
     gateway_env,
     mep_obj,
     metric_value,
@@ -237,5 +239,33 @@ def test_a_client_s_connection_close_is_answered_and_honoured(fake, plane):
                 got += chunk
         head = got.split(b"\r\n\r\n", 1)[0].lower()
         assert head.startswith(b"http/1.1 200") and b"\r\nconnection: close" in head
+    finally:
+        gw.stop()
+
+
+def test_sigterm_to_the_whole_process_group_lets_the_stream_finish_and_exits_0(tmp_path, fake):
+    # As a terminal's Ctrl-C or `kill -- -<pgid>` does: the data plane gets the signal too, and leaves
+    # the drain to the Python gateway.
+    fake.chunks, fake.delay = 8, 0.1
+    gw = StaticGatewayProcess(tmp_path, [mep_obj("ep", "ns", "m"), pod_obj("ep-0", "ns", "ep", "127.0.0.1", fake.port)],
+                              data_plane="compiled").start()
+    try:
+        wait_for(lambda: gw.proc.poll() is None and httpx.get(gw.url + "/readyz", timeout=2).status_code == 200,
+                 timeout=30, what="the gateway ready")
+        lines: list[str] = []
+
+        def stream() -> None:
+            with httpx.Client(timeout=30) as h, h.stream("POST", gw.url + "/v1/chat/completions",
+                                                          json={"model": "m", "stream": True}) as r:
+                lines.extend(r.iter_lines())
+
+        t = threading.Thread(target=stream)
+        t.start()
+        wait_for(lambda: fake.in_flight == 1, timeout=10, what="the stream started")
+        os.killpg(gw.proc.pid, signal.SIGTERM)
+        t.join(30)
+        assert [x for x in lines if x.startswith("data:")][-1] == "data: [DONE]", lines
+        assert gw.proc.wait(30) == 0, gw.log_tail()
+        assert not any(line.get("msg", "").startswith("the compiled data plane exited") for line in gw.log_lines())
     finally:
         gw.stop()

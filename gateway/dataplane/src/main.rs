@@ -113,6 +113,14 @@ fn main() {
         fail("usage: modelendpoint-gateway-dataplane --config '<JSON>' (started by modelendpoint-gateway)");
     }
     let config: Config = serde_json::from_str(&args[2]).unwrap_or_else(|e| fail(&format!("bad --config: {e}")));
+    // The Python gateway owns the lifecycle: it drains this process with a control message, and
+    // its end closes the control socket. A SIGTERM or SIGINT to the whole process group (a
+    // terminal's Ctrl-C, `kill -- -<pgid>`) must not cut the streams in flight before that.
+    // SAFETY: setting a signal's disposition to ignore, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
     let threads = config.threads.max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
         .unwrap_or_else(|e| fail(&format!("runtime: {e}")));
