@@ -57,18 +57,17 @@ def find_binary(setting: str) -> str | None:
     return beside if os.access(beside, os.X_OK) else None
 
 
-def _rendered(err_of: Callable[[int], errors.GatewayError], attempts: int) -> dict[str, Any]:
-    first = err_of(1)
+@functools.lru_cache(maxsize=4096)
+def _unreachable(model: str, retry_after: int, attempts: int) -> dict[str, Any]:
+    """The 502 the fast path answers when no replica of ``model`` could be reached, after 1 to
+    ``attempts`` tries, in both dialects (cached: every snapshot carries one per model)."""
+    errs = [errors.upstream_unreachable(model, n, retry_after) for n in range(1, attempts + 1)]
     return {
-        "status": first.status,
-        "headers": [[k, v] for k, v in first.headers],
-        "openai": [err_of(n).body_bytes(errors.OPENAI).decode() for n in range(1, attempts + 1)],
-        "anthropic": [err_of(n).body_bytes(errors.ANTHROPIC).decode() for n in range(1, attempts + 1)],
+        "status": errs[0].status,
+        "headers": [[k, v] for k, v in errs[0].headers],
+        "openai": [e.body_bytes(errors.OPENAI).decode() for e in errs],
+        "anthropic": [e.body_bytes(errors.ANTHROPIC).decode() for e in errs],
     }
-
-
-def _unreachable(model: str, retry_after: int, attempts: int) -> errors.GatewayError:
-    return errors.upstream_unreachable(model, attempts, retry_after)
 
 
 def snapshot_message(router: Router, keyset_of: Callable[[table.EndpointInfo], KeySet | None],
@@ -109,8 +108,7 @@ def snapshot_message(router: Router, keyset_of: Callable[[table.EndpointInfo], K
                 "prefix_char_length": info.prefix_hash.prefix_char_length,
             } if info.strategy == table.PREFIX_HASH else None,
             "keys": digests,
-            "unreachable": _rendered(functools.partial(_unreachable, served, settings.retry_after_seconds),
-                                     settings.max_attempts),
+            "unreachable": _unreachable(served, settings.retry_after_seconds, settings.max_attempts),
         })
     broken = errors.upstream_broken()
     return {

@@ -46,6 +46,9 @@ from .settings import GatewaySettings, SettingsError, load_settings
 
 logger = logging.getLogger("modelendpoint_gateway")
 
+# Snapshots go to the compiled data plane at most this often (a readiness flip still routes within 1 s).
+PUSH_INTERVAL_SECONDS = 0.1
+
 USAGE = """usage: modelendpoint-gateway [--help] [--version]
 
 One OpenAI base URL for every ModelEndpoint: routes by the request's model,
@@ -92,6 +95,7 @@ class Service:
         self.dataplane: dataplane.DataPlane | None = None
         self.exit_status = 0
         self._push_scheduled = False
+        self._pushed_at = -PUSH_INTERVAL_SECONDS
 
     # --- reacting to table changes ---------------------------------------------------------------
 
@@ -112,14 +116,18 @@ class Service:
         self.push_snapshot()
 
     def push_snapshot(self) -> None:
-        """The compiled data plane's snapshot follows the routing table and the keys (once per loop turn)."""
+        """The compiled data plane's snapshot follows the routing table and the keys: at once, or
+        PUSH_INTERVAL_SECONDS after the last push (each serializes every model: under churn of
+        many ModelEndpoints, one push covers a burst of changes)."""
         if self.dataplane is None or self._push_scheduled:
             return
         self._push_scheduled = True
-        asyncio.get_running_loop().call_soon(self._push_now)
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, self._pushed_at + PUSH_INTERVAL_SECONDS - loop.time()), self._push_now)
 
     def _push_now(self) -> None:
         self._push_scheduled = False
+        self._pushed_at = asyncio.get_running_loop().time()
         if self.dataplane is None:
             return
         # Before the first full lists, nothing is served fast (this process answers 503 not_ready).
@@ -167,7 +175,8 @@ class Service:
     async def _mark_synced(self) -> None:
         await self.discovery.synced.wait()
         self.gateway.synced = True
-        self.push_snapshot()
+        if self.dataplane is not None:
+            self._push_now()  # now, not throttled: the fast path serves from the moment /readyz says ready
         if self.role is not None:
             self.role.share.set_ready(self.role.index, True)
         # Everything loaded so far (modules, the first lists) lives as long as the process: keep it

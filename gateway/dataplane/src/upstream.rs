@@ -8,7 +8,7 @@
 //! replica rarely closes one we are about to use; one that turns out closed
 //! before any byte of an answer is retried once on a fresh one by the caller.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +82,7 @@ impl Registry {
 
     /// Forget the replicas no snapshot lists any more (their pooled connections close).
     pub fn retain(&mut self, live: &[Arc<Replica>]) {
-        self.replicas.retain(|_, r| live.iter().any(|l| Arc::ptr_eq(l, r)));
+        let live: HashSet<*const Replica> = live.iter().map(Arc::as_ptr).collect();
+        self.replicas.retain(|_, r| live.contains(&Arc::as_ptr(r)));
     }
 }
