@@ -652,7 +652,8 @@ async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, 
         }
     };
     let Ok(mut framing) = framing_of(&answer) else { return Outcome::Failed { reused: false } };
-    let upstream_keep = !header(&answer.headers, "connection").is_some_and(|v| tokens(v).any(|t| t == "close"));
+    let mut upstream_keep =
+        !header(&answer.headers, "connection").is_some_and(|v| tokens(v).any(|t| t == "close"));
     let mut rest: Vec<u8> = ubuf.split_off(answer.len);
 
     // --- kept aside, to try another replica ---
@@ -715,7 +716,11 @@ async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, 
     loop {
         payload.clear();
         let finished = match &mut framing {
-            Framing::None => true,
+            Framing::None => {
+                // Bytes after a bodiless answer: the replica is out of step; its connection is not reused.
+                upstream_keep &= rest.is_empty();
+                true
+            }
             Framing::Sized(n) => {
                 let take = (*n as usize).min(rest.len());
                 out.extend_from_slice(&rest[..take]);
@@ -723,10 +728,14 @@ async fn exchange(state: &State, client: &mut TcpStream, pending: &mut Vec<u8>, 
                     first_byte.get_or_insert_with(Instant::now);
                 }
                 *n -= take as u64;
+                upstream_keep &= take == rest.len();
                 *n == 0
             }
             Framing::Chunked(d) => match d.feed(&rest, &mut payload) {
-                Ok(_) => d.done(),
+                Ok(used) => {
+                    upstream_keep &= used == rest.len();
+                    d.done()
+                }
                 Err(()) => {
                     broken = true;
                     true
